@@ -1,0 +1,379 @@
+"""fastattn.attention: argument checking, dtype and layout policy, tiling, and the kernel call.
+
+Everything a user can get wrong is checked here, before any work, with an error that names
+the argument and the shapes involved.  The kernel (``_kernel.pyx``) then receives operands it
+can read in place: per-batch element offsets (so any number of batch axes, broadcast axes
+being stride 0), head/row/feature strides, and K/V whose rows BLAS can read directly.
+"""
+import math
+import operator
+
+import numpy as np
+
+from . import _kernel
+from ._threads import _HAS_LOCAL, blas_guard, check_num_threads, get_num_threads
+
+__all__ = ["attention"]
+
+INT32_MAX = 2**31 - 1       # BLAS sizes and leading dimensions are 32-bit here
+_UNBOUNDED = 1 << 42        # a window bound that no key index reaches
+_OFFSET_LIMIT = 1 << 40     # query offsets are clipped here (beyond it nothing changes)
+BLOCK_Q = 256               # query rows per work item
+BLOCK_K = 512               # keys per tile
+SPLIT_MIN_WORK = 8          # fewer work items than this: split the KV axis (decode) ...
+SPLIT_MIN_KEYS = 1024       # ... into chunks of at least this many keys
+SERIAL_FLOPS = 1 << 20      # calls below this many flops run on the calling thread
+_ZERO_OFFSETS = np.zeros(1, np.int64)
+_ZERO_OFFSETS.setflags(write=False)
+
+
+def _float_array(x, name):
+    """x as an ndarray of a float dtype the kernel can read: native byte order, aligned."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array of floats: {exc}") from None
+    dt = x.dtype
+    if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dt}")
+    if not dt.isnative or not x.flags.aligned:
+        x = x.astype(dt.newbyteorder("="), copy=True)
+    return x
+
+
+def _shape_str(*named):
+    return ", ".join(f"{n} {tuple(a.shape)}" for n, a in named)
+
+
+def _index(x, name):
+    """A Python int from an int-like scalar (bool excluded)."""
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}") from None
+
+
+def _int_per_batch(x, name, batch_shape):
+    """An int argument broadcast to the batch shape, as an int64 array (not yet clipped)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer or an integer array, got dtype {a.dtype}")
+    if a.ndim > len(batch_shape) and all(n == 1 for n in a.shape[: a.ndim - len(batch_shape)]):
+        a = a.reshape(a.shape[a.ndim - len(batch_shape):])
+    try:
+        if np.broadcast_shapes(a.shape, batch_shape) != batch_shape:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name} of shape {a.shape} does not broadcast to the batch shape "
+                         f"{batch_shape}") from None
+    return a
+
+
+def _elem_strides(a, axes):
+    """Strides of `axes` in elements, 0 for length-1 axes (so they broadcast)."""
+    isz = a.itemsize
+    return tuple(a.strides[ax] // isz if a.shape[ax] != 1 else 0 for ax in axes)
+
+
+def _batch_offsets(a, batch_shape):
+    """Element offset of each (flattened) batch item of `a` (*b, X, Y, Z), b broadcasting."""
+    nbd = len(batch_shape)
+    if nbd == 0:
+        return _ZERO_OFFSETS
+    own = a.ndim - 3
+    strides = (0,) * (nbd - own) + _elem_strides(a, range(own))
+    if nbd == 1:
+        return np.arange(batch_shape[0], dtype=np.int64) * strides[0]
+    off = np.zeros((), np.int64)
+    for n, st in zip(batch_shape, strides):
+        off = np.add.outer(off, np.arange(n, dtype=np.int64) * st)
+    return off.reshape(-1)
+
+
+def _strides_ok(a):
+    return all(s % a.itemsize == 0 for s in a.strides)
+
+
+def _blas_ready(a):
+    """a (..., L, F) with rows BLAS can read: unit feature stride, 1 <= F <= ld <= 2**31-1."""
+    if not _strides_ok(a):
+        return np.ascontiguousarray(a)
+    L, F = a.shape[-2:]
+    isz = a.itemsize
+    unit = F <= 1 or a.strides[-1] == isz
+    ld = a.strides[-2] // isz
+    if unit and (L <= 1 or max(1, F) <= ld <= INT32_MAX):
+        return a
+    return np.ascontiguousarray(a)
+
+
+class _Call:
+    """A checked attention call: operands in the compute dtype, sizes and visibility."""
+    __slots__ = ("query", "key", "value", "mask", "mask_full", "batch_shape", "sizes",
+                 "scale", "softcap", "left", "right", "qoff", "klen", "out_dtype", "dtype",
+                 "num_threads", "out", "squeeze")
+
+
+def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengths, scale,
+             softcap, out, num_threads):
+    q = _float_array(query, "query")
+    k = _float_array(key, "key")
+    v = _float_array(value, "value")
+    for name, a in (("query", q), ("key", k), ("value", v)):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (L, D), got shape {a.shape}")
+    out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    dtype = np.dtype(np.float32) if out_dtype == np.float16 else out_dtype
+    q, k, v = (a.astype(dtype) if a.dtype != dtype else a for a in (q, k, v))
+    squeeze = q.ndim == k.ndim == v.ndim == 2
+    q, k, v = (a[None] if a.ndim == 2 else a for a in (q, k, v))     # (*b, H, L, D)
+
+    hq, lq, d = q.shape[-3:]
+    hkv, lk, dk = k.shape[-3:]
+    hv, lv, dv = v.shape[-3:]
+    if dk != d:
+        raise ValueError(f"query and key must have the same feature size D: "
+                         f"{_shape_str(('query', q), ('key', k))}")
+    if lv != lk or hv != hkv:
+        raise ValueError(f"key and value must have the same heads and length: "
+                         f"{_shape_str(('key', k), ('value', v))}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}): "
+                         f"{_shape_str(('query', q), ('key', k))}")
+    try:
+        batch_shape = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except ValueError:
+        raise ValueError(f"the batch axes of query, key and value do not broadcast: "
+                         f"{_shape_str(('query', q), ('key', k), ('value', v))}") from None
+    for name, n in (("Lq", lq), ("Lk", lk), ("D", d), ("Dv", dv), ("Hq", hq)):
+        if n > INT32_MAX:
+            raise ValueError(f"{name} = {n} exceeds the 32-bit BLAS limit 2**31 - 1")
+
+    c = _Call()
+    c.query, c.key, c.value = q, k, v
+    c.batch_shape = batch_shape
+    nb = math.prod(batch_shape)
+    c.sizes = (nb, hq, hkv, lq, lk, d, dv)
+    c.out_dtype, c.dtype, c.squeeze = out_dtype, dtype, squeeze
+
+    # mask: bool (True = attend) or additive float, broadcasting to (*batch, Hq, Lq, Lk)
+    full = batch_shape + (hq, lq, lk)
+    c.mask = c.mask_full = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype == np.bool_:
+            pass
+        elif m.dtype.kind == "f":
+            if m.dtype != dtype or not m.dtype.isnative:
+                m = m.astype(dtype)
+        else:
+            raise TypeError(f"mask must be a bool or float array, got dtype {m.dtype}")
+        if not m.flags.aligned:
+            m = m.copy()
+        try:
+            ok = np.broadcast_shapes(m.shape, full) == full
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask of shape {m.shape} does not broadcast to (*batch, Hq, Lq, Lk) "
+                             f"= {full}")
+        if m.ndim < 3:
+            m = m.reshape((1,) * (3 - m.ndim) + m.shape)
+        c.mask = m
+        c.mask_full = np.broadcast_to(m, full)
+
+    # key_lengths -> klen (NB,), query_offset -> qoff (NB,)
+    if key_lengths is None:
+        klen = np.full(nb, lk, np.int64)
+    else:
+        kl = _int_per_batch(key_lengths, "key_lengths", batch_shape)
+        if kl.size and (kl.min() < 0 or kl.max() > lk):
+            raise ValueError(f"key_lengths must lie in [0, Lk] = [0, {lk}], got values in "
+                             f"[{kl.min()}, {kl.max()}]")
+        klen = np.ascontiguousarray(np.broadcast_to(kl, batch_shape), dtype=np.int64).reshape(-1)
+    if query_offset is None:
+        qoff = klen - lq
+    else:
+        qo = _int_per_batch(query_offset, "query_offset", batch_shape)
+        qo = np.clip(qo, -_OFFSET_LIMIT, _OFFSET_LIMIT) if qo.dtype.kind == "i" \
+            else np.minimum(qo, _OFFSET_LIMIT)
+        qoff = np.ascontiguousarray(np.broadcast_to(qo, batch_shape), dtype=np.int64).reshape(-1)
+    c.klen, c.qoff = klen, qoff
+
+    # window and causal -> one interval p - left <= j <= p + right
+    left = right = _UNBOUNDED
+    if window is not None:
+        try:
+            wl, wr = window
+        except (TypeError, ValueError):
+            raise ValueError(f"window must be a pair (left, right) of ints or None, "
+                             f"got {window!r}") from None
+        if wl is not None:
+            left = max(-_UNBOUNDED, min(_UNBOUNDED, _index(wl, "window[0]")))
+        if wr is not None:
+            right = max(-_UNBOUNDED, min(_UNBOUNDED, _index(wr, "window[1]")))
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal:
+        right = min(right, 0)
+    c.left, c.right = left, right
+
+    if scale is None:
+        c.scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    else:
+        c.scale = _real(scale, "scale")
+        if not math.isfinite(c.scale):
+            raise ValueError(f"scale must be finite, got {scale!r}")
+    if softcap is None:
+        c.softcap = 0.0
+    else:
+        c.softcap = _real(softcap, "softcap")
+        if not (c.softcap > 0 and math.isfinite(c.softcap)):
+            raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+
+    c.num_threads = get_num_threads() if num_threads is None else check_num_threads(num_threads)
+
+    c.out = None
+    if out is not None:
+        shape = batch_shape + (hq, lq, dv)
+        if squeeze:
+            shape = shape[1:]
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        if out.shape != shape:
+            raise ValueError(f"out has shape {out.shape}, expected {shape}")
+        if out.dtype != out_dtype:
+            raise ValueError(f"out has dtype {out.dtype}, expected {out_dtype}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        c.out = out
+    return c
+
+
+def _real(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        if not (isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf"):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def _tiling(nb, hq, hkv, lq, lk, with_weights):
+    """(heads, rows, bk, n_splits, split_len): the work item's extent."""
+    group = hq // hkv
+    if lq >= BLOCK_Q:
+        heads = 1
+        nqb = -(-lq // BLOCK_Q)
+        rows = -(-lq // nqb)
+    else:
+        # short queries: stack the query heads that share a KV head, so each K/V row
+        # is read once per KV head (GQA decode)
+        rows = lq
+        heads = min(group, max(1, BLOCK_Q // lq))
+        heads = -(-group // -(-group // heads))
+        nqb = 1
+    nwork = nb * hkv * -(-group // heads) * nqb
+    n_splits = 1
+    if nwork < SPLIT_MIN_WORK and lk >= 2 * SPLIT_MIN_KEYS and not with_weights:
+        n_splits = min(-(-SPLIT_MIN_WORK // nwork), lk // SPLIT_MIN_KEYS)
+    split_len = -(-lk // n_splits)
+    return (heads, rows, BLOCK_K, n_splits, split_len), nwork * n_splits
+
+
+def attention(query, key, value, *, mask=None, causal=False, query_offset=None, window=None,
+              key_lengths=None, scale=None, softcap=None, return_weights=False, out=None,
+              num_threads=None):
+    """Scaled dot-product attention: softmax(scale * Q Kᵀ + M) V over the visible keys.
+
+    Shapes: query (*batch, Hq, Lq, D), key (*batch, Hkv, Lk, D), value (*batch, Hkv, Lk, Dv)
+    (2-D inputs: one head, no batch), Hq a multiple of Hkv.  Returns (*batch, Hq, Lq, Dv), or
+    (output, weights) with ``return_weights=True``.  Key j is visible to query row i when the
+    mask allows it (bool True, or a float added to the score; -inf hides), j < key_lengths,
+    and, with ``causal``, j <= query_offset + i (query_offset defaults to Lk_valid - Lq:
+    bottom-right alignment), and, with ``window=(left, right)``,
+    query_offset + i - left <= j <= query_offset + i + right.  Rows with no visible key are 0.
+    See the README and shared API contract for the full semantics.
+    """
+    if not isinstance(return_weights, (bool, np.bool_)):
+        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    c = _prepare(query, key, value, mask=mask, causal=causal, query_offset=query_offset,
+                 window=window, key_lengths=key_lengths, scale=scale, softcap=softcap,
+                 out=out, num_threads=num_threads)
+    nb, hq, hkv, lq, lk, d, dv = c.sizes
+    batch = c.batch_shape
+    q, k, v = c.query, c.key, c.value
+    dtype = c.dtype
+
+    # the output buffer: the user's `out` where the kernel can write it directly
+    o = c.out
+    if o is not None and c.squeeze:
+        o = o[None]
+    direct = (o is not None and o.dtype == dtype and o.flags.aligned and _strides_ok(o)
+              and not any(np.may_share_memory(o, a) for a in (q, k, v, c.mask) if a is not None))
+    if not direct:
+        o = np.empty(batch + (hq, lq, dv), dtype)
+    weights = np.zeros(batch + (hq, lq, lk), dtype) if return_weights else None
+
+    if nb and hq and lq and dv:
+        if lk == 0:
+            o[...] = 0
+        else:
+            _run(c, o, weights)
+
+    if c.out is not None and not direct:
+        np.copyto(c.out, o[0] if c.squeeze else o)
+        o = c.out
+    else:
+        if c.squeeze:
+            o = o[0]
+        if o.dtype != c.out_dtype:
+            o = o.astype(c.out_dtype)
+    if return_weights:
+        if c.squeeze:
+            weights = weights[0]
+        return o, weights.astype(c.out_dtype, copy=False)
+    return o
+
+
+def _run(c, o, weights):
+    nb, hq, hkv, lq, lk, d, dv = c.sizes
+    batch = c.batch_shape
+    q = c.query
+    for a in (q,):
+        if not _strides_ok(a):
+            q = np.ascontiguousarray(a)
+    k = _blas_ready(c.key)
+    v = _blas_ready(c.value)
+    m = c.mask
+    if m is not None:
+        if not _strides_ok(m):
+            m = np.ascontiguousarray(m)
+        m_boff = _batch_offsets(m, batch)
+        m_str = _elem_strides(m, (-3, -2, -1))
+        if m.dtype == np.bool_:
+            m = m.view(np.uint8)
+    else:
+        m_boff, m_str = None, (0, 0, 0)
+
+    tiling, nwork = _tiling(nb, hq, hkv, lq, lk, weights is not None)
+    n_splits = tiling[3]
+    part = np.empty(nb * hq * lq * n_splits * (2 + dv), c.dtype) if n_splits > 1 else None
+    flops = 2 * nb * hq * lq * lk * (d + dv)
+    nthreads = 1 if flops < SERIAL_FLOPS else min(c.num_threads, nwork)
+    strides = (_elem_strides(q, (-3, -2, -1)) + _elem_strides(k, (-3, -2)) +
+               _elem_strides(v, (-3, -2)) + _elem_strides(o, (-3, -2, -1)) + m_str)
+    # K/V row strides go to BLAS as leading dimensions: keep them valid (>= feature size)
+    strides = list(strides)
+    strides[4] = strides[4] if lk > 1 else max(1, d)
+    strides[6] = strides[6] if lk > 1 else max(1, dv)
+    args = (q, k, v, o, m, weights, part,
+            _batch_offsets(q, batch), _batch_offsets(k, batch), _batch_offsets(v, batch),
+            _batch_offsets(o, batch), m_boff, c.klen, c.qoff,
+            c.sizes, tiling, tuple(strides), c.left, c.right, c.scale, c.softcap, nthreads)
+    if _HAS_LOCAL:
+        _kernel.attention_forward(*args)
+    else:
+        with blas_guard():
+            _kernel.attention_forward(*args)

@@ -1,0 +1,93 @@
+/* Thread control of the BLAS library behind scipy.linalg.cython_blas.
+ *
+ * fastattn calls tile GEMMs from its own OpenMP threads, so the BLAS must not start threads
+ * of its own inside them.  The library is found from the address of the gemm symbol SciPy
+ * hands out (dladdr), and its OpenBLAS entry points are looked up by name (SciPy's wheels
+ * prefix them with scipy_).  openblas_set_num_threads_local changes the count for the
+ * calling thread only, so concurrent callers cannot race on it; where it is missing,
+ * the Python side holds the global count at one around the kernel instead.
+ */
+#ifndef FASTATTN_BLASCTL_H
+#define FASTATTN_BLASCTL_H
+
+#include <stddef.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define FA_HAVE_DL 1
+#endif
+
+typedef int (*fa_int_int_t)(int);
+typedef void (*fa_void_int_t)(int);
+typedef int (*fa_int_void_t)(void);
+
+static fa_int_int_t fa_blas_local = NULL;       /* openblas_set_num_threads_local */
+static fa_void_int_t fa_blas_global_set = NULL; /* openblas_set_num_threads */
+static fa_int_void_t fa_blas_global_get = NULL; /* openblas_get_num_threads */
+static char fa_blas_path[4096];
+
+#ifdef FA_HAVE_DL
+static void *fa_blas_sym(void *h, const char *const *names) {
+    for (; *names; names++) {
+        void *p = dlsym(h, *names);
+        if (p) return p;
+    }
+    return NULL;
+}
+#endif
+
+/* Returns the BLAS library's path, or NULL when it cannot be told. */
+static const char *fa_blas_init(void *gemm_symbol) {
+#ifdef FA_HAVE_DL
+    Dl_info info;
+    if (!gemm_symbol || !dladdr(gemm_symbol, &info) || !info.dli_fname) return NULL;
+    size_t i = 0;
+    for (; info.dli_fname[i] && i + 1 < sizeof fa_blas_path; i++) fa_blas_path[i] = info.dli_fname[i];
+    fa_blas_path[i] = 0;
+    void *h = dlopen(fa_blas_path, RTLD_LAZY | RTLD_NOLOAD);
+    if (!h) return fa_blas_path;
+    /* SciPy's pointer is a wrapper in cython_blas; name the library that holds sgemm itself
+     * (dlsym on a handle searches that library's dependencies too) */
+    static const char *const gemm_names[] = {"scipy_sgemm_", "sgemm_", "scipy_sgemm", "sgemm", NULL};
+    void *g = fa_blas_sym(h, gemm_names);
+    if (g && dladdr(g, &info) && info.dli_fname) {
+        for (i = 0; info.dli_fname[i] && i + 1 < sizeof fa_blas_path; i++) fa_blas_path[i] = info.dli_fname[i];
+        fa_blas_path[i] = 0;
+    }
+    static const char *const local_names[] = {
+        "openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local",
+        "openblas_set_num_threads_local64_", "scipy_openblas_set_num_threads_local64_", NULL};
+    static const char *const set_names[] = {
+        "scipy_openblas_set_num_threads", "openblas_set_num_threads",
+        "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", NULL};
+    static const char *const get_names[] = {
+        "scipy_openblas_get_num_threads", "openblas_get_num_threads",
+        "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", NULL};
+    fa_blas_local = (fa_int_int_t)fa_blas_sym(h, local_names);
+    fa_blas_global_set = (fa_void_int_t)fa_blas_sym(h, set_names);
+    fa_blas_global_get = (fa_int_void_t)fa_blas_sym(h, get_names);
+    dlclose(h);  /* RTLD_NOLOAD took a reference on a library SciPy keeps loaded */
+    return fa_blas_path;
+#else
+    (void)gemm_symbol;
+    return NULL;
+#endif
+}
+
+static int fa_blas_has_local(void) { return fa_blas_local != NULL; }
+
+/* Set the calling thread's BLAS thread count (0: back to the global count); returns the
+ * previous setting, or -1 (a no-op) where the library has no per-thread control. */
+static int fa_blas_set_local(int n) {
+    if (!fa_blas_local || n < 0) return -1;
+    return fa_blas_local(n);
+}
+
+static int fa_blas_get_global(void) { return fa_blas_global_get ? fa_blas_global_get() : -1; }
+
+static int fa_blas_set_global(int n) {
+    int prev = fa_blas_get_global();
+    if (fa_blas_global_set && n >= 1) fa_blas_global_set(n);
+    return prev;
+}
+
+#endif  /* FASTATTN_BLASCTL_H */

@@ -1,0 +1,463 @@
+# Flash-style attention kernel: BLAS tiles for Q·Kᵀ and P·V, an online softmax between them.
+#
+# Everything here runs without the GIL.  Policy (dtype promotion, broadcasting, validation,
+# block sizes, thread counts) is decided in Python (_attention.py) and handed over in a
+# `Problem` struct; this file only walks the loop nest:
+#
+#   for each work item (batch b, KV head, chunk of query heads, query block, KV split)  # prange
+#       Qs   = scale * Q[rows]                       pack the block's query rows (R x D)
+#       for each key block [kb, kb + n) inside the visible key range of the rows
+#           S    = Qs · K[kb:kb+n]ᵀ                   gemm, R x n
+#           per row: softcap, hide keys outside [a, e) and where the mask hides them,
+#                    m' = max(m, rowmax); P = exp(S - m'); l = l·exp(m - m') + ΣP
+#           acc  = acc·exp(m - m') + P · V[kb:kb+n]   gemm, R x Dv
+#       O[rows] = acc / l    (0 where l == 0: the row saw no key)
+#
+# A row's visible keys from causal / window / key_lengths form one interval [lo, hi), so key
+# blocks outside the union of the block's intervals are never computed, and only blocks
+# that straddle an interval edge need an element-wise mask.  All sizes and strides are
+# counted in elements; a broadcast axis is a zero stride.
+
+# cython: language_level=3
+
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from libc.math cimport INFINITY, isnan, isfinite, exp, tanh
+from libc.stdint cimport int64_t, uint8_t
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+cimport numpy as cnp
+
+cnp.import_array()
+
+ctypedef fused floating:
+    float
+    double
+
+cdef extern from "_simd.h" nogil:
+    float fa_max_f32(const float *x, Py_ssize_t n)
+    double fa_max_f64(const double *x, Py_ssize_t n)
+    float fa_expsum_f32(float *x, Py_ssize_t n, float m)
+    double fa_expsum_f64(double *x, Py_ssize_t n, double m)
+    const char *fa_simd_init(int use_simd)
+
+cdef extern from "_blasctl.h" nogil:
+    const char *fa_blas_init(void *gemm_symbol)
+    int fa_blas_set_local(int n)
+    int fa_blas_has_local()
+    int fa_blas_set_global(int n)
+    int fa_blas_get_global()
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FA_OPENMP 1
+    #else
+    #define FA_OPENMP 0
+    #endif
+    """
+    int FA_OPENMP
+
+cdef enum BlasTrans:
+    NoTrans = 110  # 'n'
+    Trans = 116    # 't'
+
+ctypedef struct Problem:
+    # sizes
+    Py_ssize_t hq, hkv, group, lq, lk, d, dv
+    # tiling: a work item covers `heads` query heads x `rows` query positions x one KV split
+    Py_ssize_t heads, rows, n_hchunks, n_qblocks, bk, n_splits, split_len
+    # operands: base pointer, per-batch offsets, strides (elements); K, V rows are unit-stride
+    char *q
+    const int64_t *q_boff
+    Py_ssize_t q_sh, q_sl, q_sd
+    char *k
+    const int64_t *k_boff
+    Py_ssize_t k_sh, k_sl
+    char *v
+    const int64_t *v_boff
+    Py_ssize_t v_sh, v_sl
+    char *o                       # OUT (*batch, Hq, Lq, Dv), any strides
+    const int64_t *o_boff
+    Py_ssize_t o_sh, o_sl, o_sd
+    char *mask                    # uint8 (bool) or compute dtype (additive), or NULL
+    int mask_is_bool
+    const int64_t *m_boff
+    Py_ssize_t m_sh, m_sl, m_sk
+    char *w                       # OUT weights, C-contiguous (NB, Hq, Lq, Lk), or NULL
+    char *part                    # OUT partials for KV splits: (NB, Hq, Lq, n_splits, 2 + Dv)
+    const int64_t *klen           # IN (NB,) valid key count
+    const int64_t *qoff           # IN (NB,) absolute position of query row 0
+    int64_t left, right           # window: p - left <= j <= p + right (huge = unbounded)
+    double scale, softcap         # softcap 0: none
+    int *failed                   # set when a thread's scratch cannot be allocated
+
+
+cdef inline void gemm(char ta, char tb, int m, int n, int k, floating alpha,
+                      floating *a, int lda, floating *b, int ldb, floating beta,
+                      floating *c, int ldc) noexcept nogil:
+    """C := alpha * op(A) op(B) + beta * C, column-major (BLAS) convention."""
+    if floating is float:
+        sgemm(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc)
+
+
+cdef inline floating row_max(const floating *x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return fa_max_f32(x, n)
+    else:
+        return fa_max_f64(x, n)
+
+
+cdef inline floating row_expsum(floating *x, Py_ssize_t n, floating m) noexcept nogil:
+    """x := exp(x - m) in place; returns the sum."""
+    if floating is float:
+        return fa_expsum_f32(x, n, m)
+    else:
+        return fa_expsum_f64(x, n, m)
+
+
+cdef inline Py_ssize_t clamp(int64_t x, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if x < lo:
+        return lo
+    if x > hi:
+        return hi
+    return <Py_ssize_t>x
+
+
+cdef inline bint tile_finite(const floating *v, Py_ssize_t n, Py_ssize_t dv,
+                             Py_ssize_t ld) noexcept nogil:
+    cdef Py_ssize_t j, c
+    for j in range(n):
+        for c in range(dv):
+            if not isfinite(v[j * ld + c]):
+                return False
+    return True
+
+
+cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexcept nogil:
+    """One work item: a block of query rows of one batch item against a range of keys."""
+    cdef Py_ssize_t D = P.d, Dv = P.dv, BK = P.bk, G = P.group
+    cdef Py_ssize_t split = w % P.n_splits
+    w //= P.n_splits
+    # the heaviest query blocks (largest causal prefix) first, for dynamic scheduling
+    cdef Py_ssize_t qb = P.n_qblocks - 1 - w % P.n_qblocks
+    w //= P.n_qblocks
+    cdef Py_ssize_t hc = w % P.n_hchunks
+    w //= P.n_hchunks
+    cdef Py_ssize_t hk = w % P.hkv
+    cdef Py_ssize_t b = w // P.hkv
+
+    cdef Py_ssize_t h0 = hk * G + hc * P.heads
+    cdef Py_ssize_t nh = min(P.heads, G - hc * P.heads)
+    cdef Py_ssize_t i0 = qb * P.rows
+    cdef Py_ssize_t ni = min(P.rows, P.lq - i0)
+    cdef Py_ssize_t R = nh * ni
+    cdef int64_t kl = P.klen[b], off = P.qoff[b]
+
+    # scratch: Qs (R x D) | S (R x BK) | acc (R x Dv) | m (R) | l (R)
+    cdef floating *Qs = scratch
+    cdef floating *S = Qs + P.heads * P.rows * D
+    cdef floating *acc = S + P.heads * P.rows * BK
+    cdef floating *mrow = acc + P.heads * P.rows * Dv
+    cdef floating *lrow = mrow + P.heads * P.rows
+
+    # union of the rows' visible key intervals, intersected with this split's range
+    cdef Py_ssize_t lo = clamp(off + i0 - P.left, 0, kl)
+    cdef Py_ssize_t hi = clamp(off + i0 + ni - 1 + P.right + 1, lo, kl)
+    if P.n_splits > 1:
+        lo = max(lo, split * P.split_len)
+        hi = min(hi, (split + 1) * P.split_len)
+
+    cdef floating *q = <floating *>P.q + P.q_boff[b]
+    cdef floating *kbase = <floating *>P.k + P.k_boff[b] + hk * P.k_sh
+    cdef floating *vbase = <floating *>P.v + P.v_boff[b] + hk * P.v_sh
+    cdef floating *wbase = NULL
+    cdef floating *row
+    cdef floating *src
+    cdef uint8_t *mb = NULL
+    cdef floating *mf = NULL
+    cdef floating mx, m_new, alpha, total, inv, cap = <floating>P.softcap
+    cdef floating scale = <floating>P.scale
+    cdef floating ninf = -INFINITY
+    cdef Py_ssize_t r, c, j, h, i, kb, n, a, e, lds = BK
+    cdef int64_t pos
+    cdef bint partial
+
+    for r in range(R):
+        h = h0 + r // ni
+        i = i0 + r % ni
+        src = q + h * P.q_sh + i * P.q_sl
+        for c in range(D):
+            Qs[r * D + c] = scale * src[c * P.q_sd]
+        mrow[r] = ninf
+        lrow[r] = 0
+    memset(acc, 0, R * Dv * sizeof(floating))
+
+    kb = lo
+    while kb < hi:
+        n = min(BK, hi - kb)
+        # S (R x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ
+        if D > 0:
+            gemm(Trans, NoTrans, <int>n, <int>R, <int>D, <floating>1, kbase + kb * P.k_sl,
+                 <int>P.k_sl, Qs, <int>D, <floating>0, S, <int>lds)
+        else:
+            memset(S, 0, R * lds * sizeof(floating))
+        partial = P.mask != NULL
+        for r in range(R):
+            h = h0 + r // ni
+            i = i0 + r % ni
+            pos = off + i
+            row = S + r * lds
+            a = clamp(pos - P.left - kb, 0, n)
+            e = clamp(pos + P.right + 1 - kb, a, n)
+            e = clamp(kl - kb, a, e)
+            if a > 0 or e < n:
+                partial = True
+            if cap > 0:
+                for j in range(a, e):
+                    row[j] = cap * tanh(row[j] / cap)
+            if P.mask != NULL:
+                if P.mask_is_bool:
+                    mb = <uint8_t *>P.mask + P.m_boff[b] + h * P.m_sh + i * P.m_sl + kb * P.m_sk
+                    for j in range(a, e):
+                        if mb[j * P.m_sk] == 0:
+                            row[j] = ninf
+                else:
+                    mf = <floating *>P.mask + P.m_boff[b] + h * P.m_sh + i * P.m_sl + kb * P.m_sk
+                    for j in range(a, e):
+                        if mf[j * P.m_sk] == ninf:
+                            row[j] = ninf
+                        else:
+                            row[j] = row[j] + mf[j * P.m_sk]
+            if P.w != NULL:
+                wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk + kb
+                for j in range(n):
+                    wbase[j] = row[j] if a <= j < e else ninf
+            mx = row_max(row + a, e - a)
+            if mx == ninf:
+                # nothing visible here, unless a NaN score hides from the max
+                for j in range(a, e):
+                    if isnan(row[j]):
+                        mx = row[j]
+                if mx == ninf:
+                    memset(row, 0, n * sizeof(floating))
+                    continue
+            m_new = mx if (mx > mrow[r] or isnan(mx)) else mrow[r]
+            alpha = exp(mrow[r] - m_new) if mrow[r] != ninf else 0
+            for j in range(a):
+                row[j] = 0
+            for j in range(e, n):
+                row[j] = 0
+            total = row_expsum(row + a, e - a, m_new)
+            lrow[r] = lrow[r] * alpha + total
+            if alpha != 1:
+                for c in range(Dv):
+                    acc[r * Dv + c] *= alpha
+            mrow[r] = m_new
+        # acc (R x Dv, row-major) += P · V_blk, i.e. column-major accᵀ += V_blkᵀ · Pᵀ.
+        # A hidden key has P = 0, but 0 * inf = NaN: where such a key's V row is not finite,
+        # add only the visible terms.
+        if Dv > 0:
+            if not partial or tile_finite(vbase + kb * P.v_sl, n, Dv, P.v_sl):
+                gemm(NoTrans, NoTrans, <int>Dv, <int>R, <int>n, <floating>1, vbase + kb * P.v_sl,
+                     <int>P.v_sl, S, <int>lds, <floating>1, acc, <int>Dv)
+            else:
+                for r in range(R):
+                    for j in range(n):
+                        if S[r * lds + j] != 0:
+                            src = vbase + (kb + j) * P.v_sl
+                            for c in range(Dv):
+                                acc[r * Dv + c] += S[r * lds + j] * src[c]
+        kb += n
+
+    cdef floating *o
+    for r in range(R):
+        h = h0 + r // ni
+        i = i0 + r % ni
+        if P.n_splits > 1:
+            o = <floating *>P.part + (((b * P.hq + h) * P.lq + i) * P.n_splits + split) * (2 + Dv)
+            o[0] = mrow[r]
+            o[1] = lrow[r]
+            for c in range(Dv):
+                o[2 + c] = acc[r * Dv + c]
+            continue
+        o = <floating *>P.o + P.o_boff[b] + h * P.o_sh + i * P.o_sl
+        if lrow[r] == 0:
+            for c in range(Dv):
+                o[c * P.o_sd] = 0
+        else:
+            inv = 1 / lrow[r]
+            for c in range(Dv):
+                o[c * P.o_sd] = acc[r * Dv + c] * inv
+        if P.w != NULL:
+            wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk
+            for j in range(lo, hi):
+                wbase[j] = exp(wbase[j] - mrow[r]) * inv if lrow[r] != 0 else 0
+
+
+cdef void merge_row(const Problem *P, Py_ssize_t t, floating dummy) noexcept nogil:
+    """Combine the KV-split partials (m, l, acc) of one output row t = (b, h, i)."""
+    cdef Py_ssize_t s, c, Dv = P.dv, ns = P.n_splits
+    cdef Py_ssize_t i = t % P.lq
+    cdef Py_ssize_t h = (t // P.lq) % P.hq
+    cdef Py_ssize_t b = t // (P.lq * P.hq)
+    cdef floating *part = <floating *>P.part + t * ns * (2 + Dv)
+    cdef floating *o = <floating *>P.o + P.o_boff[b] + h * P.o_sh + i * P.o_sl
+    cdef floating M = -INFINITY, L = 0, f
+    for s in range(ns):
+        if part[s * (2 + Dv)] > M or isnan(part[s * (2 + Dv)]):
+            M = part[s * (2 + Dv)]
+    for c in range(Dv):
+        o[c * P.o_sd] = 0
+    if M == -INFINITY:
+        return
+    for s in range(ns):
+        if part[s * (2 + Dv)] == -INFINITY:
+            continue
+        f = exp(part[s * (2 + Dv)] - M)
+        L += f * part[s * (2 + Dv) + 1]
+        for c in range(Dv):
+            o[c * P.o_sd] += f * part[s * (2 + Dv) + 2 + c]
+    f = 1 / L
+    for c in range(Dv):
+        o[c * P.o_sd] *= f
+
+
+cdef void run(Problem *P, Py_ssize_t nwork, Py_ssize_t nrows, int nthreads,
+              floating dummy) noexcept nogil:
+    cdef Py_ssize_t w, t
+    cdef Py_ssize_t tile = P.heads * P.rows
+    cdef size_t nscratch = tile * (P.d + P.bk + P.dv + 2)
+    cdef floating *scratch
+    cdef int prev
+    if nthreads <= 1 or nwork <= 1:
+        scratch = <floating *>malloc(nscratch * sizeof(floating))
+        if scratch == NULL:
+            P.failed[0] = 1
+            return
+        prev = fa_blas_set_local(1)
+        for w in range(nwork):
+            process_item(P, w, scratch)
+        fa_blas_set_local(prev)
+        free(scratch)
+    else:
+        with parallel(num_threads=nthreads):
+            scratch = <floating *>malloc(nscratch * sizeof(floating))
+            prev = fa_blas_set_local(1)
+            for w in prange(nwork, schedule='dynamic'):
+                if scratch == NULL:
+                    P.failed[0] = 1
+                else:
+                    process_item(P, w, scratch)
+            fa_blas_set_local(prev)
+            free(scratch)
+    if P.n_splits > 1 and not P.failed[0]:
+        if nthreads <= 1:
+            for t in range(nrows):
+                merge_row(P, t, dummy)
+        else:
+            for t in prange(nrows, num_threads=nthreads, schedule='static'):
+                merge_row(P, t, dummy)
+
+
+cdef inline char *data(cnp.ndarray a):
+    return <char *>cnp.PyArray_DATA(a) if a is not None else NULL
+
+
+cdef inline const int64_t *offsets(cnp.ndarray a):
+    return <const int64_t *>cnp.PyArray_DATA(a) if a is not None else NULL
+
+
+def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o,
+                      cnp.ndarray mask, cnp.ndarray weights, cnp.ndarray part,
+                      cnp.ndarray q_boff, cnp.ndarray k_boff, cnp.ndarray v_boff,
+                      cnp.ndarray o_boff, cnp.ndarray m_boff,
+                      cnp.ndarray klen, cnp.ndarray qoff,
+                      tuple sizes, tuple tiling, tuple strides,
+                      int64_t left, int64_t right, double scale, double softcap,
+                      int nthreads):
+    """Run the kernel on operands prepared by fastattn._attention (see Problem above).
+
+    sizes = (NB, Hq, Hkv, Lq, Lk, D, Dv); tiling = (heads, rows, bk, n_splits, split_len);
+    strides = (q_sh, q_sl, q_sd, k_sh, k_sl, v_sh, v_sl, o_sh, o_sl, o_sd, m_sh, m_sl, m_sk),
+    all in elements.  Offsets and lengths are C-contiguous int64 arrays of length NB.
+    """
+    cdef Problem P
+    cdef int failed = 0
+    cdef Py_ssize_t nb
+    nb, P.hq, P.hkv, P.lq, P.lk, P.d, P.dv = sizes
+    P.heads, P.rows, P.bk, P.n_splits, P.split_len = tiling
+    (P.q_sh, P.q_sl, P.q_sd, P.k_sh, P.k_sl, P.v_sh, P.v_sl,
+     P.o_sh, P.o_sl, P.o_sd, P.m_sh, P.m_sl, P.m_sk) = strides
+    P.group = P.hq // P.hkv
+    P.n_hchunks = (P.group + P.heads - 1) // P.heads
+    P.n_qblocks = (P.lq + P.rows - 1) // P.rows
+    P.q, P.k, P.v, P.o = data(q), data(k), data(v), data(o)
+    P.q_boff, P.k_boff, P.v_boff, P.o_boff = offsets(q_boff), offsets(k_boff), offsets(v_boff), offsets(o_boff)
+    P.mask = data(mask)
+    P.mask_is_bool = mask is not None and mask.dtype.itemsize == 1
+    P.m_boff = offsets(m_boff)
+    P.w, P.part = data(weights), data(part)
+    P.klen, P.qoff = offsets(klen), offsets(qoff)
+    P.left, P.right = left, right
+    P.scale, P.softcap = scale, softcap
+    P.failed = &failed
+    cdef Py_ssize_t nwork = nb * P.hkv * P.n_hchunks * P.n_qblocks * P.n_splits
+    cdef Py_ssize_t nrows = nb * P.hq * P.lq
+    cdef float f32 = 0
+    cdef double f64 = 0
+    if q.dtype.itemsize == 4:
+        with nogil:
+            run(&P, nwork, nrows, nthreads, f32)
+    else:
+        with nogil:
+            run(&P, nwork, nrows, nthreads, f64)
+    if failed:
+        raise MemoryError("fastattn: could not allocate the kernel's per-thread scratch")
+
+
+# ---- small twins of the nogil helpers, for tests and show_config -------------------------
+
+def simd_init(bint use_simd=True):
+    """Select the exp/max row-pass implementation; returns its name ('avx2+fma' or 'scalar')."""
+    return fa_simd_init(use_simd).decode()
+
+
+def py_row_expsum(floating[::1] x, floating m):
+    """x := exp(x - m) in place with the selected implementation; returns the sum."""
+    if x.shape[0] == 0:
+        return 0.0
+    return row_expsum(&x[0], x.shape[0], m)
+
+
+def py_row_max(floating[::1] x):
+    """The selected implementation's max of x (-inf when x is empty)."""
+    if x.shape[0] == 0:
+        return -INFINITY
+    return row_max(&x[0], x.shape[0])
+
+
+def blas_init():
+    """Find the thread controls of the BLAS behind scipy.linalg.cython_blas; returns its path."""
+    p = fa_blas_init(<void *>sgemm)
+    return p.decode() if p != NULL else None
+
+
+def blas_has_local():
+    return bool(fa_blas_has_local())
+
+
+def blas_set_global(int n):
+    """Set the BLAS library's global thread count; returns the previous one (-1: unknown)."""
+    return fa_blas_set_global(n)
+
+
+def blas_get_global():
+    return fa_blas_get_global()
+
+
+def openmp_enabled():
+    return bool(FA_OPENMP)

@@ -1,0 +1,217 @@
+/* Row passes of the online softmax: max, then p = exp(x - m) in place with its sum.
+ *
+ * Two implementations of each pass sit side by side: a plain C one (libm exp), which every
+ * target builds, and on x86-64 an AVX2/FMA one compiled with a function-level target
+ * attribute.  fa_simd_init() picks one at run time from the CPU's feature bits, so the
+ * default build stays portable (no -march flag) and still runs the vector path where it can.
+ *
+ * exp(-inf) is exactly 0 and NaN propagates in both implementations; nothing here assumes
+ * -ffast-math.
+ */
+#ifndef FASTATTN_SIMD_H
+#define FASTATTN_SIMD_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef float (*fa_max_f32_t)(const float *x, ptrdiff_t n);
+typedef double (*fa_max_f64_t)(const double *x, ptrdiff_t n);
+typedef float (*fa_expsum_f32_t)(float *x, ptrdiff_t n, float m);
+typedef double (*fa_expsum_f64_t)(double *x, ptrdiff_t n, double m);
+
+/* ---- plain C reference path ---------------------------------------------------------- */
+
+static float fa_max_f32_scalar(const float *x, ptrdiff_t n) {
+    float m = -INFINITY;
+    for (ptrdiff_t i = 0; i < n; i++) if (x[i] > m) m = x[i];
+    return m;
+}
+
+static double fa_max_f64_scalar(const double *x, ptrdiff_t n) {
+    double m = -INFINITY;
+    for (ptrdiff_t i = 0; i < n; i++) if (x[i] > m) m = x[i];
+    return m;
+}
+
+static float fa_expsum_f32_scalar(float *x, ptrdiff_t n, float m) {
+    float s = 0.0f;
+    for (ptrdiff_t i = 0; i < n; i++) { x[i] = expf(x[i] - m); s += x[i]; }
+    return s;
+}
+
+static double fa_expsum_f64_scalar(double *x, ptrdiff_t n, double m) {
+    double s = 0.0;
+    for (ptrdiff_t i = 0; i < n; i++) { x[i] = exp(x[i] - m); s += x[i]; }
+    return s;
+}
+
+/* ---- AVX2/FMA path --------------------------------------------------------------------- */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FA_HAVE_X86 1
+#include <immintrin.h>
+
+#define FA_AVX2 __attribute__((target("avx2,fma")))
+
+/* exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial
+ * (Cephes coefficients, max rel. error ~1.5 ulp), times 2^n built in the exponent bits.
+ * Inputs below -87.33 give 0 (float32 underflow, and exactly 0 for -inf); NaN stays NaN
+ * (the min/max keep their second operand, x, when it is NaN). */
+FA_AVX2 static inline __m256 fa_exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+    const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
+    __m256 xc = _mm256_min_ps(hi, x);
+    xc = _mm256_max_ps(lo, xc);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r2 = _mm256_mul_ps(r, r);
+    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    /* x < lo (including -inf) gives exactly 0 */
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
+}
+
+/* exp(x) for 4 doubles: same reduction with a degree-11 Taylor polynomial on
+ * |r| <= ln2/2 (truncation error < 2e-17), 2^n from the exponent bits. */
+FA_AVX2 static inline __m256d fa_exp4(__m256d x) {
+    const __m256d hi = _mm256_set1_pd(709.0);
+    const __m256d lo = _mm256_set1_pd(-708.0);
+    __m256d xc = _mm256_min_pd(hi, x);
+    xc = _mm256_max_pd(lo, xc);
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(xc, _mm256_set1_pd(1.4426950408889634)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), xc);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
+    __m256d p = _mm256_set1_pd(1.0 / 39916800.0);
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 3628800.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 362880.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 40320.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 5040.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 720.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 120.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 24.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / 6.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(0.5));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0));
+    p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0));
+    __m128i n32 = _mm256_cvtpd_epi32(n);
+    __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(n32),
+                                                   _mm256_set1_epi64x(1023)), 52);
+    __m256d y = _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+    return _mm256_andnot_pd(_mm256_cmp_pd(x, lo, _CMP_LT_OQ), y);
+}
+
+FA_AVX2 static float fa_max_f32_avx2(const float *x, ptrdiff_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    float r = _mm_cvtss_f32(h);
+    for (; i < n; i++) if (x[i] > r) r = x[i];
+    return r;
+}
+
+FA_AVX2 static double fa_max_f64_avx2(const double *x, ptrdiff_t n) {
+    __m256d m = _mm256_set1_pd(-INFINITY);
+    ptrdiff_t i = 0;
+    for (; i + 4 <= n; i += 4) m = _mm256_max_pd(m, _mm256_loadu_pd(x + i));
+    __m128d h = _mm_max_pd(_mm256_castpd256_pd128(m), _mm256_extractf128_pd(m, 1));
+    h = _mm_max_sd(h, _mm_unpackhi_pd(h, h));
+    double r = _mm_cvtsd_f64(h);
+    for (; i < n; i++) if (x[i] > r) r = x[i];
+    return r;
+}
+
+FA_AVX2 static float fa_expsum_f32_avx2(float *x, ptrdiff_t n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 s = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 p = fa_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+        _mm256_storeu_ps(x + i, p);
+        s = _mm256_add_ps(s, p);
+    }
+    if (i < n) {  /* tail: masked load with -inf padding, masked store */
+        __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), lane);
+        __m256 v = _mm256_maskload_ps(x + i, keep);
+        v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(keep));
+        __m256 p = fa_exp8(_mm256_sub_ps(v, mv));
+        _mm256_maskstore_ps(x + i, keep, p);
+        s = _mm256_add_ps(s, p);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
+FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
+    const __m256d mv = _mm256_set1_pd(m);
+    __m256d s = _mm256_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        __m256d p = fa_exp4(_mm256_sub_pd(_mm256_loadu_pd(x + i), mv));
+        _mm256_storeu_pd(x + i, p);
+        s = _mm256_add_pd(s, p);
+    }
+    if (i < n) {
+        __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+        __m256i keep = _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(n - i)), lane);
+        __m256d v = _mm256_maskload_pd(x + i, keep);
+        v = _mm256_blendv_pd(_mm256_set1_pd(-INFINITY), v, _mm256_castsi256_pd(keep));
+        __m256d p = fa_exp4(_mm256_sub_pd(v, mv));
+        _mm256_maskstore_pd(x + i, keep, p);
+        s = _mm256_add_pd(s, p);
+    }
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));
+    return _mm_cvtsd_f64(h);
+}
+#endif  /* x86-64 */
+
+/* ---- run-time dispatch ----------------------------------------------------------------- */
+
+static fa_max_f32_t fa_max_f32 = fa_max_f32_scalar;
+static fa_max_f64_t fa_max_f64 = fa_max_f64_scalar;
+static fa_expsum_f32_t fa_expsum_f32 = fa_expsum_f32_scalar;
+static fa_expsum_f64_t fa_expsum_f64 = fa_expsum_f64_scalar;
+static const char *fa_simd_name = "scalar";
+
+/* use_simd = 0 forces the plain C path (tests compare the two). Returns the path's name. */
+static const char *fa_simd_init(int use_simd) {
+    fa_max_f32 = fa_max_f32_scalar;
+    fa_max_f64 = fa_max_f64_scalar;
+    fa_expsum_f32 = fa_expsum_f32_scalar;
+    fa_expsum_f64 = fa_expsum_f64_scalar;
+    fa_simd_name = "scalar";
+#ifdef FA_HAVE_X86
+    if (use_simd) {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+            fa_max_f32 = fa_max_f32_avx2;
+            fa_max_f64 = fa_max_f64_avx2;
+            fa_expsum_f32 = fa_expsum_f32_avx2;
+            fa_expsum_f64 = fa_expsum_f64_avx2;
+            fa_simd_name = "avx2+fma";
+        }
+    }
+#else
+    (void)use_simd;
+#endif
+    return fa_simd_name;
+}
+
+#endif  /* FASTATTN_SIMD_H */
