@@ -39,6 +39,10 @@ cdef extern from "_simd.h" nogil:
     double fa_max_f64(const double *x, Py_ssize_t n)
     float fa_expsum_f32(float *x, Py_ssize_t n, float m)
     double fa_expsum_f64(double *x, Py_ssize_t n, double m)
+    void fa_qk_f32(const float *K, Py_ssize_t ldk, Py_ssize_t n, const float *Q, Py_ssize_t D,
+                   Py_ssize_t R, float *S, Py_ssize_t lds)
+    void fa_pv_f32(const float *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n, const float *V,
+                   Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
     const char *fa_simd_init(int use_simd)
 
 cdef extern from "_blasctl.h" nogil:
@@ -58,6 +62,10 @@ cdef extern from *:
     #endif
     """
     int FA_OPENMP
+
+cdef enum:
+    SMALL_ROWS = 8    # at most this many rows: stream K/V rows (decode) instead of a GEMM
+    EDGE_BLOCK = 64   # keys per chunk where rows see different key ranges
 
 cdef enum BlasTrans:
     NoTrans = 110  # 'n'
@@ -179,7 +187,7 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
     cdef floating *src
     cdef uint8_t *mb = NULL
     cdef floating *mf = NULL
-    cdef floating mx, m_new, alpha, total, inv, cap = <floating>P.softcap
+    cdef floating mx, m_new, alpha, total, inv = 0, cap = <floating>P.softcap
     cdef floating scale = <floating>P.scale
     cdef floating ninf = -INFINITY
     cdef Py_ssize_t r, c, j, h, i, kb, n, a, e, lds = BK
@@ -194,19 +202,50 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
             Qs[r * D + c] = scale * src[c * P.q_sd]
         mrow[r] = ninf
         lrow[r] = 0
+        if P.w != NULL:
+            # hidden keys in [lo, hi) that no chunk visits must still come out as 0
+            wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk
+            for j in range(lo, hi):
+                wbase[j] = ninf
     memset(acc, 0, R * Dv * sizeof(floating))
 
+    # Inside [full_lo, full_hi) every row sees every key: big tiles, no edge masks.  Outside
+    # it (the causal diagonal, the window edges) small key chunks, each computed only for
+    # the rows that see any of its keys: a contiguous range when the rows are consecutive
+    # positions of one head (nh == 1).
+    cdef int64_t pos0 = off + i0
+    cdef Py_ssize_t full_lo = clamp(pos0 + ni - 1 - P.left, lo, hi)
+    cdef Py_ssize_t full_hi = clamp(pos0 + P.right + 1, full_lo, hi)
+    cdef Py_ssize_t ra = 0, rb = R, rn
+    cdef floating *kblk
+    cdef floating *vblk
     kb = lo
     while kb < hi:
-        n = min(BK, hi - kb)
-        # S (R x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ
-        if D > 0:
-            gemm(Trans, NoTrans, <int>n, <int>R, <int>D, <floating>1, kbase + kb * P.k_sl,
-                 <int>P.k_sl, Qs, <int>D, <floating>0, S, <int>lds)
+        if kb < full_lo:
+            n = min(EDGE_BLOCK, full_lo - kb)
+        elif kb < full_hi:
+            n = min(BK, full_hi - kb)
         else:
-            memset(S, 0, R * lds * sizeof(floating))
+            n = min(EDGE_BLOCK, hi - kb)
+        if nh == 1:
+            ra = clamp(kb - pos0 - P.right, 0, R)
+            rb = clamp(kb + n - pos0 + P.left, ra, R)
+        rn = rb - ra
+        if rn == 0:
+            kb += n
+            continue
+        kblk = kbase + kb * P.k_sl
+        vblk = vbase + kb * P.v_sl
+        # S (rn x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ
+        if D == 0:
+            memset(S + ra * lds, 0, rn * lds * sizeof(floating))
+        elif floating is float and rn <= SMALL_ROWS:
+            fa_qk_f32(kblk, P.k_sl, n, Qs + ra * D, D, rn, S + ra * lds, lds)
+        else:
+            gemm(Trans, NoTrans, <int>n, <int>rn, <int>D, <floating>1, kblk,
+                 <int>P.k_sl, Qs + ra * D, <int>D, <floating>0, S + ra * lds, <int>lds)
         partial = P.mask != NULL
-        for r in range(R):
+        for r in range(ra, rb):
             h = h0 + r // ni
             i = i0 + r % ni
             pos = off + i
@@ -260,17 +299,19 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
         # acc (R x Dv, row-major) += P · V_blk, i.e. column-major accᵀ += V_blkᵀ · Pᵀ.
         # A hidden key has P = 0, but 0 * inf = NaN: where such a key's V row is not finite,
         # add only the visible terms.
-        if Dv > 0:
-            if not partial or tile_finite(vbase + kb * P.v_sl, n, Dv, P.v_sl):
-                gemm(NoTrans, NoTrans, <int>Dv, <int>R, <int>n, <floating>1, vbase + kb * P.v_sl,
-                     <int>P.v_sl, S, <int>lds, <floating>1, acc, <int>Dv)
-            else:
-                for r in range(R):
-                    for j in range(n):
-                        if S[r * lds + j] != 0:
-                            src = vbase + (kb + j) * P.v_sl
-                            for c in range(Dv):
-                                acc[r * Dv + c] += S[r * lds + j] * src[c]
+        if Dv == 0:
+            pass
+        elif floating is float and rn <= SMALL_ROWS:
+            fa_pv_f32(S + ra * lds, lds, rn, n, vblk, P.v_sl, Dv, acc + ra * Dv)
+        elif not partial or tile_finite(vblk, n, Dv, P.v_sl):
+            gemm(NoTrans, NoTrans, <int>Dv, <int>rn, <int>n, <floating>1, vblk,
+                 <int>P.v_sl, S + ra * lds, <int>lds, <floating>1, acc + ra * Dv, <int>Dv)
+        else:
+            for r in range(ra, rb):
+                for j in range(n):
+                    if S[r * lds + j] != 0:
+                        for c in range(Dv):
+                            acc[r * Dv + c] += S[r * lds + j] * vblk[j * P.v_sl + c]
         kb += n
 
     cdef floating *o

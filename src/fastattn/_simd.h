@@ -1,4 +1,5 @@
-/* Row passes of the online softmax: max, then p = exp(x - m) in place with its sum.
+/* Row passes of the online softmax (max, then p = exp(x - m) in place with its sum), and the
+ * few-row Q·Kᵀ and P·V of the decode path.
  *
  * Two implementations of each pass sit side by side: a plain C one (libm exp), which every
  * target builds, and on x86-64 an AVX2/FMA one compiled with a function-level target
@@ -19,6 +20,10 @@ typedef float (*fa_max_f32_t)(const float *x, ptrdiff_t n);
 typedef double (*fa_max_f64_t)(const double *x, ptrdiff_t n);
 typedef float (*fa_expsum_f32_t)(float *x, ptrdiff_t n, float m);
 typedef double (*fa_expsum_f64_t)(double *x, ptrdiff_t n, double m);
+typedef void (*fa_qk_f32_t)(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
+                            ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds);
+typedef void (*fa_pv_f32_t)(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
+                            const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc);
 
 /* ---- plain C reference path ---------------------------------------------------------- */
 
@@ -44,6 +49,31 @@ static double fa_expsum_f64_scalar(double *x, ptrdiff_t n, double m) {
     double s = 0.0;
     for (ptrdiff_t i = 0; i < n; i++) { x[i] = exp(x[i] - m); s += x[i]; }
     return s;
+}
+
+/* Few query rows against a stream of keys (decode): each K and V row is read once for all
+ * R rows, where a GEMM would pack them first.
+ *   qk: S[r, j] = Q[r, :] · K[j, :]             for r < R, j < n
+ *   pv: acc[r, :] += Σ_j P[r, j] V[j, :]          terms with P == 0 skipped, so a hidden
+ *                                                key's non-finite V row never leaks */
+static void fa_qk_f32_scalar(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
+                             ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {
+    for (ptrdiff_t j = 0; j < n; j++)
+        for (ptrdiff_t r = 0; r < R; r++) {
+            float acc = 0;
+            for (ptrdiff_t c = 0; c < D; c++) acc += Q[r * D + c] * K[j * ldk + c];
+            S[r * lds + j] = acc;
+        }
+}
+
+static void fa_pv_f32_scalar(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
+                             const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc) {
+    for (ptrdiff_t j = 0; j < n; j++)
+        for (ptrdiff_t r = 0; r < R; r++) {
+            float p = P[r * lds + j];
+            if (p == 0) continue;
+            for (ptrdiff_t c = 0; c < Dv; c++) acc[r * Dv + c] += p * V[j * ldv + c];
+        }
 }
 
 /* ---- AVX2/FMA path --------------------------------------------------------------------- */
@@ -180,6 +210,54 @@ FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
     h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));
     return _mm_cvtsd_f64(h);
 }
+FA_AVX2 static inline float fa_hsum8(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
+FA_AVX2 static void fa_qk_f32_avx2(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
+                                   ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {
+    ptrdiff_t D8 = D & ~(ptrdiff_t)7;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const float *k = K + j * ldk;
+        if (j + 2 < n) _mm_prefetch((const char *)(K + (j + 2) * ldk), _MM_HINT_T0);
+        for (ptrdiff_t r = 0; r < R; r++) {
+            const float *q = Q + r * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            ptrdiff_t c = 0;
+            for (; c + 16 <= D8; c += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), _mm256_loadu_ps(k + c + 8), a1);
+            }
+            for (; c < D8; c += 8)
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
+            float acc = fa_hsum8(_mm256_add_ps(a0, a1));
+            for (; c < D; c++) acc += q[c] * k[c];
+            S[r * lds + j] = acc;
+        }
+    }
+}
+
+FA_AVX2 static void fa_pv_f32_avx2(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
+                                   const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc) {
+    ptrdiff_t D8 = Dv & ~(ptrdiff_t)7;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const float *v = V + j * ldv;
+        if (j + 2 < n) _mm_prefetch((const char *)(V + (j + 2) * ldv), _MM_HINT_T0);
+        for (ptrdiff_t r = 0; r < R; r++) {
+            float p = P[r * lds + j];
+            if (p == 0) continue;
+            __m256 pv = _mm256_set1_ps(p);
+            float *a = acc + r * Dv;
+            ptrdiff_t c = 0;
+            for (; c < D8; c += 8)
+                _mm256_storeu_ps(a + c, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + c), _mm256_loadu_ps(a + c)));
+            for (; c < Dv; c++) a[c] += p * v[c];
+        }
+    }
+}
 #endif  /* x86-64 */
 
 /* ---- run-time dispatch ----------------------------------------------------------------- */
@@ -188,6 +266,8 @@ static fa_max_f32_t fa_max_f32 = fa_max_f32_scalar;
 static fa_max_f64_t fa_max_f64 = fa_max_f64_scalar;
 static fa_expsum_f32_t fa_expsum_f32 = fa_expsum_f32_scalar;
 static fa_expsum_f64_t fa_expsum_f64 = fa_expsum_f64_scalar;
+static fa_qk_f32_t fa_qk_f32 = fa_qk_f32_scalar;
+static fa_pv_f32_t fa_pv_f32 = fa_pv_f32_scalar;
 static const char *fa_simd_name = "scalar";
 
 /* use_simd = 0 forces the plain C path (tests compare the two). Returns the path's name. */
@@ -196,6 +276,8 @@ static const char *fa_simd_init(int use_simd) {
     fa_max_f64 = fa_max_f64_scalar;
     fa_expsum_f32 = fa_expsum_f32_scalar;
     fa_expsum_f64 = fa_expsum_f64_scalar;
+    fa_qk_f32 = fa_qk_f32_scalar;
+    fa_pv_f32 = fa_pv_f32_scalar;
     fa_simd_name = "scalar";
 #ifdef FA_HAVE_X86
     if (use_simd) {
@@ -205,6 +287,8 @@ static const char *fa_simd_init(int use_simd) {
             fa_max_f64 = fa_max_f64_avx2;
             fa_expsum_f32 = fa_expsum_f32_avx2;
             fa_expsum_f64 = fa_expsum_f64_avx2;
+            fa_qk_f32 = fa_qk_f32_avx2;
+            fa_pv_f32 = fa_pv_f32_avx2;
             fa_simd_name = "avx2+fma";
         }
     }
