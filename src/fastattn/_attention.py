@@ -23,8 +23,6 @@ BLOCK_K = 512               # keys per tile
 SPLIT_MIN_WORK = 8          # fewer work items than this: split the KV axis (decode) ...
 SPLIT_MIN_KEYS = 1024       # ... into chunks of at least this many keys
 SERIAL_FLOPS = 1 << 20      # calls below this many flops run on the calling thread
-_ZERO_OFFSETS = np.zeros(1, np.int64)
-_ZERO_OFFSETS.setflags(write=False)
 
 
 def _float_array(x, name):
@@ -72,35 +70,8 @@ def _int_per_batch(x, name, batch_shape):
     return a
 
 
-def _elem_strides(a, axes):
-    """Strides of `axes` in elements, 0 for length-1 axes (so they broadcast)."""
-    isz = a.itemsize
-    return tuple(a.strides[ax] // isz if a.shape[ax] != 1 else 0 for ax in axes)
-
-
-def _batch_offsets(a, batch_shape):
-    """Element offset of each (flattened) batch item of `a` (*b, X, Y, Z), b broadcasting."""
-    nbd = len(batch_shape)
-    if nbd == 0:
-        return _ZERO_OFFSETS
-    own = a.ndim - 3
-    strides = (0,) * (nbd - own) + _elem_strides(a, range(own))
-    if nbd == 1:
-        return np.arange(batch_shape[0], dtype=np.int64) * strides[0]
-    off = np.zeros((), np.int64)
-    for n, st in zip(batch_shape, strides):
-        off = np.add.outer(off, np.arange(n, dtype=np.int64) * st)
-    return off.reshape(-1)
-
-
-def _strides_ok(a):
-    return all(s % a.itemsize == 0 for s in a.strides)
-
-
 def _blas_ready(a):
     """a (..., L, F) with rows BLAS can read: unit feature stride, 1 <= F <= ld <= 2**31-1."""
-    if not _strides_ok(a):
-        return np.ascontiguousarray(a)
     L, F = a.shape[-2:]
     isz = a.itemsize
     unit = F <= 1 or a.strides[-1] == isz
@@ -186,17 +157,14 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
         c.mask_full = np.broadcast_to(m, full)
 
     # key_lengths -> klen (NB,), query_offset -> qoff (NB,)
-    if key_lengths is None:
-        klen = np.full(nb, lk, np.int64)
-    else:
+    klen = qoff = None          # None: the kernel uses Lk and Lk - Lq
+    if key_lengths is not None:
         kl = _int_per_batch(key_lengths, "key_lengths", batch_shape)
         if kl.size and (kl.min() < 0 or kl.max() > lk):
             raise ValueError(f"key_lengths must lie in [0, Lk] = [0, {lk}], got values in "
                              f"[{kl.min()}, {kl.max()}]")
         klen = np.ascontiguousarray(np.broadcast_to(kl, batch_shape), dtype=np.int64).reshape(-1)
-    if query_offset is None:
-        qoff = klen - lq
-    else:
+    if query_offset is not None:
         qo = _int_per_batch(query_offset, "query_offset", batch_shape)
         qo = np.clip(qo, -_OFFSET_LIMIT, _OFFSET_LIMIT) if qo.dtype.kind == "i" \
             else np.minimum(qo, _OFFSET_LIMIT)
@@ -310,7 +278,7 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
     o = c.out
     if o is not None and c.squeeze:
         o = o[None]
-    direct = (o is not None and o.dtype == dtype and o.flags.aligned and _strides_ok(o)
+    direct = (o is not None and o.dtype == dtype and o.flags.aligned
               and not any(np.may_share_memory(o, a) for a in (q, k, v, c.mask) if a is not None))
     if not direct:
         o = np.empty(batch + (hq, lq, dv), dtype)
@@ -339,39 +307,14 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
 
 def _run(c, o, weights):
     nb, hq, hkv, lq, lk, d, dv = c.sizes
-    batch = c.batch_shape
-    q = c.query
-    for a in (q,):
-        if not _strides_ok(a):
-            q = np.ascontiguousarray(a)
-    k = _blas_ready(c.key)
-    v = _blas_ready(c.value)
     m = c.mask
-    if m is not None:
-        if not _strides_ok(m):
-            m = np.ascontiguousarray(m)
-        m_boff = _batch_offsets(m, batch)
-        m_str = _elem_strides(m, (-3, -2, -1))
-        if m.dtype == np.bool_:
-            m = m.view(np.uint8)
-    else:
-        m_boff, m_str = None, (0, 0, 0)
-
+    if m is not None and m.dtype == np.bool_:
+        m = m.view(np.uint8)
     tiling, nwork = _tiling(nb, hq, hkv, lq, lk, weights is not None)
-    n_splits = tiling[3]
-    part = np.empty(nb * hq * lq * n_splits * (2 + dv), c.dtype) if n_splits > 1 else None
     flops = 2 * nb * hq * lq * lk * (d + dv)
     nthreads = 1 if flops < SERIAL_FLOPS else min(c.num_threads, nwork)
-    strides = (_elem_strides(q, (-3, -2, -1)) + _elem_strides(k, (-3, -2)) +
-               _elem_strides(v, (-3, -2)) + _elem_strides(o, (-3, -2, -1)) + m_str)
-    # K/V row strides go to BLAS as leading dimensions: keep them valid (>= feature size)
-    strides = list(strides)
-    strides[4] = strides[4] if lk > 1 else max(1, d)
-    strides[6] = strides[6] if lk > 1 else max(1, dv)
-    args = (q, k, v, o, m, weights, part,
-            _batch_offsets(q, batch), _batch_offsets(k, batch), _batch_offsets(v, batch),
-            _batch_offsets(o, batch), m_boff, c.klen, c.qoff,
-            c.sizes, tiling, tuple(strides), c.left, c.right, c.scale, c.softcap, nthreads)
+    args = (c.query, _blas_ready(c.key), _blas_ready(c.value), o, m, weights, c.klen, c.qoff,
+            c.batch_shape, tiling, c.left, c.right, c.scale, c.softcap, nthreads)
     if _HAS_LOCAL:
         _kernel.attention_forward(*args)
     else:

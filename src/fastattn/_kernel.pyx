@@ -94,7 +94,7 @@ ctypedef struct Problem:
     const int64_t *m_boff
     Py_ssize_t m_sh, m_sl, m_sk
     char *w                       # OUT weights, C-contiguous (NB, Hq, Lq, Lk), or NULL
-    char *part                    # OUT partials for KV splits: (NB, Hq, Lq, n_splits, 2 + Dv)
+    char *part                    # partials of the KV splits: (NB, Hq, Lq, n_splits, 2 + Dv)
     const int64_t *klen           # IN (NB,) valid key count
     const int64_t *qoff           # IN (NB,) absolute position of query row 0
     int64_t left, right           # window: p - left <= j <= p + right (huge = unbounded)
@@ -408,54 +408,137 @@ cdef inline char *data(cnp.ndarray a):
     return <char *>cnp.PyArray_DATA(a) if a is not None else NULL
 
 
-cdef inline const int64_t *offsets(cnp.ndarray a):
-    return <const int64_t *>cnp.PyArray_DATA(a) if a is not None else NULL
+cdef void elem_strides(cnp.ndarray a, Py_ssize_t *st3):
+    """Strides of the last three axes in elements (0 for length-1 axes: they broadcast)."""
+    cdef int t, ax
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
+    for t in range(3):
+        ax = cnp.PyArray_NDIM(a) - 3 + t
+        st3[t] = cnp.PyArray_STRIDES(a)[ax] // isz if cnp.PyArray_DIMS(a)[ax] != 1 else 0
+
+
+cdef void batch_offsets(cnp.ndarray a, tuple batch_shape, Py_ssize_t nb, int64_t *out):
+    """out[b] = element offset of batch item b of a (*batch_a, X, Y, Z), batch_a broadcasting
+    to batch_shape (missing and length-1 axes have stride 0)."""
+    cdef Py_ssize_t nbd = len(batch_shape), own = cnp.PyArray_NDIM(a) - 3
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
+    cdef Py_ssize_t t, ax, bi
+    cdef int64_t cur = 0
+    cdef int64_t st[32]
+    cdef int64_t n[32]
+    cdef int64_t idx[32]
+    for t in range(nbd):
+        ax = t - (nbd - own)
+        n[t] = batch_shape[t]
+        idx[t] = 0
+        st[t] = 0
+        if ax >= 0 and cnp.PyArray_DIMS(a)[ax] != 1:
+            st[t] = cnp.PyArray_STRIDES(a)[ax] // isz
+    for bi in range(nb):
+        out[bi] = cur
+        t = nbd - 1
+        while t >= 0:          # odometer step over the batch index
+            idx[t] += 1
+            cur += st[t]
+            if idx[t] < n[t]:
+                break
+            cur -= st[t] * n[t]
+            idx[t] = 0
+            t -= 1
 
 
 def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o,
-                      cnp.ndarray mask, cnp.ndarray weights, cnp.ndarray part,
-                      cnp.ndarray q_boff, cnp.ndarray k_boff, cnp.ndarray v_boff,
-                      cnp.ndarray o_boff, cnp.ndarray m_boff,
-                      cnp.ndarray klen, cnp.ndarray qoff,
-                      tuple sizes, tuple tiling, tuple strides,
-                      int64_t left, int64_t right, double scale, double softcap,
-                      int nthreads):
-    """Run the kernel on operands prepared by fastattn._attention (see Problem above).
+                      cnp.ndarray mask, cnp.ndarray weights, cnp.ndarray klen, cnp.ndarray qoff,
+                      tuple batch_shape, tuple tiling, int64_t left, int64_t right,
+                      double scale, double softcap, int nthreads):
+    """Run the kernel on operands checked by fastattn._attention (see Problem above).
 
-    sizes = (NB, Hq, Hkv, Lq, Lk, D, Dv); tiling = (heads, rows, bk, n_splits, split_len);
-    strides = (q_sh, q_sl, q_sd, k_sh, k_sl, v_sh, v_sl, o_sh, o_sl, o_sd, m_sh, m_sl, m_sk),
-    all in elements.  Offsets and lengths are C-contiguous int64 arrays of length NB.
+    q (*bq, Hq, Lq, D), k (*bk, Hkv, Lk, D), v (*bv, Hkv, Lk, Dv): the compute dtype, batch
+    axes broadcasting to batch_shape, K/V rows BLAS-readable (unit feature stride, leading
+    dimension in [max(1, D), 2**31 - 1] when Lk > 1).  o (*batch, Hq, Lq, Dv) and mask
+    (uint8 for bool, else the compute dtype; at least 3-D, broadcasting to
+    (*batch, Hq, Lq, Lk)) in any aligned strides; weights C-contiguous or None.  klen and
+    qoff: int64 (NB,) arrays, or None for Lk and Lk - Lq.
+    tiling = (heads, rows, bk, n_splits, split_len).
     """
     cdef Problem P
     cdef int failed = 0
-    cdef Py_ssize_t nb
-    nb, P.hq, P.hkv, P.lq, P.lk, P.d, P.dv = sizes
+    cdef Py_ssize_t nb = 1, t
+    cdef Py_ssize_t st[3]
+    for t in range(len(batch_shape)):
+        nb *= <Py_ssize_t>batch_shape[t]
+    if len(batch_shape) > 32:
+        raise ValueError(f"at most 32 batch axes are supported, got {len(batch_shape)}")
+    P.hq, P.lq, P.d = q.shape[q.ndim - 3], q.shape[q.ndim - 2], q.shape[q.ndim - 1]
+    P.hkv, P.lk, P.dv = v.shape[v.ndim - 3], v.shape[v.ndim - 2], v.shape[v.ndim - 1]
     P.heads, P.rows, P.bk, P.n_splits, P.split_len = tiling
-    (P.q_sh, P.q_sl, P.q_sd, P.k_sh, P.k_sl, P.v_sh, P.v_sl,
-     P.o_sh, P.o_sl, P.o_sd, P.m_sh, P.m_sl, P.m_sk) = strides
     P.group = P.hq // P.hkv
     P.n_hchunks = (P.group + P.heads - 1) // P.heads
     P.n_qblocks = (P.lq + P.rows - 1) // P.rows
+    elem_strides(q, st)
+    P.q_sh, P.q_sl, P.q_sd = st[0], st[1], st[2]
+    elem_strides(k, st)
+    P.k_sh, P.k_sl = st[0], (st[1] if P.lk > 1 else max(1, P.d))
+    elem_strides(v, st)
+    P.v_sh, P.v_sl = st[0], (st[1] if P.lk > 1 else max(1, P.dv))
+    elem_strides(o, st)
+    P.o_sh, P.o_sl, P.o_sd = st[0], st[1], st[2]
+    P.m_sh = P.m_sl = P.m_sk = 0
+    if mask is not None:
+        elem_strides(mask, st)
+        P.m_sh, P.m_sl, P.m_sk = st[0], st[1], st[2]
     P.q, P.k, P.v, P.o = data(q), data(k), data(v), data(o)
-    P.q_boff, P.k_boff, P.v_boff, P.o_boff = offsets(q_boff), offsets(k_boff), offsets(v_boff), offsets(o_boff)
     P.mask = data(mask)
-    P.mask_is_bool = mask is not None and mask.dtype.itemsize == 1
-    P.m_boff = offsets(m_boff)
-    P.w, P.part = data(weights), data(part)
-    P.klen, P.qoff = offsets(klen), offsets(qoff)
+    P.mask_is_bool = mask is not None and cnp.PyArray_ITEMSIZE(mask) == 1
+    P.w = data(weights)
     P.left, P.right = left, right
     P.scale, P.softcap = scale, softcap
     P.failed = &failed
+
+    # one block for the per-batch tables: offsets of q, k, v, o, mask, then klen, qoff
+    cdef int64_t *tables = <int64_t *>malloc(7 * max(nb, 1) * sizeof(int64_t))
+    cdef size_t part_bytes = 0
+    if P.n_splits > 1:
+        part_bytes = nb * P.hq * P.lq * P.n_splits * (2 + P.dv) * cnp.PyArray_ITEMSIZE(q)
+    P.part = <char *>malloc(part_bytes) if part_bytes else NULL
+    if tables == NULL or (part_bytes and P.part == NULL):
+        free(tables)
+        free(P.part)
+        raise MemoryError("fastattn: could not allocate the kernel's tables")
     cdef Py_ssize_t nwork = nb * P.hkv * P.n_hchunks * P.n_qblocks * P.n_splits
     cdef Py_ssize_t nrows = nb * P.hq * P.lq
     cdef float f32 = 0
     cdef double f64 = 0
-    if q.dtype.itemsize == 4:
-        with nogil:
-            run(&P, nwork, nrows, nthreads, f32)
-    else:
-        with nogil:
-            run(&P, nwork, nrows, nthreads, f64)
+    try:
+        batch_offsets(q, batch_shape, nb, tables)
+        batch_offsets(k, batch_shape, nb, tables + nb)
+        batch_offsets(v, batch_shape, nb, tables + 2 * nb)
+        batch_offsets(o, batch_shape, nb, tables + 3 * nb)
+        if mask is not None:
+            batch_offsets(mask, batch_shape, nb, tables + 4 * nb)
+        P.q_boff, P.k_boff, P.v_boff = tables, tables + nb, tables + 2 * nb
+        P.o_boff, P.m_boff = tables + 3 * nb, tables + 4 * nb
+        if klen is not None:
+            P.klen = <const int64_t *>cnp.PyArray_DATA(klen)
+        else:
+            for t in range(nb):
+                tables[5 * nb + t] = P.lk
+            P.klen = tables + 5 * nb
+        if qoff is not None:
+            P.qoff = <const int64_t *>cnp.PyArray_DATA(qoff)
+        else:
+            for t in range(nb):
+                tables[6 * nb + t] = P.klen[t] - P.lq
+            P.qoff = tables + 6 * nb
+        if cnp.PyArray_ITEMSIZE(q) == 4:
+            with nogil:
+                run(&P, nwork, nrows, nthreads, f32)
+        else:
+            with nogil:
+                run(&P, nwork, nrows, nthreads, f64)
+    finally:
+        free(tables)
+        free(P.part)
     if failed:
         raise MemoryError("fastattn: could not allocate the kernel's per-thread scratch")
 

@@ -30,9 +30,11 @@ def reference_attention(query, key, value, *, mask=None, causal=False, query_off
         if p.softcap:
             s = p.softcap * np.tanh(s / p.softcap)
         # visibility of key j to query row i of batch item b
+        klen = np.full(nb, lk, np.int64) if p.klen is None else p.klen
+        qoff = klen - lq if p.qoff is None else p.qoff
         j = np.arange(lk)
-        pos = p.qoff.reshape(batch + (1, 1, 1)) + np.arange(lq)[:, None]     # (*batch,1,Lq,1)
-        visible = (j < p.klen.reshape(batch + (1, 1, 1))) \
+        pos = qoff.reshape(batch + (1, 1, 1)) + np.arange(lq)[:, None]       # (*batch,1,Lq,1)
+        visible = (j < klen.reshape(batch + (1, 1, 1))) \
             & (j >= pos - p.left) & (j <= pos + p.right)
         if p.mask is not None:
             m = p.mask_full
