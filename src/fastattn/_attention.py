@@ -16,6 +16,8 @@ from ._threads import _HAS_LOCAL, blas_guard, check_num_threads, get_num_threads
 __all__ = ["attention"]
 
 INT32_MAX = 2**31 - 1       # BLAS sizes and leading dimensions are 32-bit here
+_F16, _F32 = np.dtype(np.float16), np.dtype(np.float32)
+_NATIVE_FLOATS = (_F16, _F32, np.dtype(np.float64))
 _UNBOUNDED = 1 << 42        # a window bound that no key index reaches
 _OFFSET_LIMIT = 1 << 40     # query offsets are clipped here (beyond it nothing changes)
 BLOCK_Q = 256               # query rows per work item
@@ -27,6 +29,8 @@ SERIAL_FLOPS = 1 << 20      # calls below this many flops run on the calling thr
 
 def _float_array(x, name):
     """x as an ndarray of a float dtype the kernel can read: native byte order, aligned."""
+    if type(x) is np.ndarray and x.dtype in _NATIVE_FLOATS and x.flags.aligned:
+        return x
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -96,11 +100,16 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     for name, a in (("query", q), ("key", k), ("value", v)):
         if a.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (L, D), got shape {a.shape}")
-    out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
-    dtype = np.dtype(np.float32) if out_dtype == np.float16 else out_dtype
-    q, k, v = (a.astype(dtype) if a.dtype != dtype else a for a in (q, k, v))
+    if q.dtype == k.dtype == v.dtype:
+        out_dtype = q.dtype
+    else:
+        out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    dtype = _F32 if out_dtype == _F16 else out_dtype
+    if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
+        q, k, v = (a.astype(dtype) if a.dtype != dtype else a for a in (q, k, v))
     squeeze = q.ndim == k.ndim == v.ndim == 2
-    q, k, v = (a[None] if a.ndim == 2 else a for a in (q, k, v))     # (*b, H, L, D)
+    if q.ndim == 2 or k.ndim == 2 or v.ndim == 2:
+        q, k, v = (a[None] if a.ndim == 2 else a for a in (q, k, v))  # (*b, H, L, D)
 
     hq, lq, d = q.shape[-3:]
     hkv, lk, dk = k.shape[-3:]
@@ -114,14 +123,17 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}): "
                          f"{_shape_str(('query', q), ('key', k))}")
+    batch_shape = q.shape[:-3]
     try:
-        batch_shape = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        if k.shape[:-3] != batch_shape or v.shape[:-3] != batch_shape:
+            batch_shape = np.broadcast_shapes(batch_shape, k.shape[:-3], v.shape[:-3])
     except ValueError:
         raise ValueError(f"the batch axes of query, key and value do not broadcast: "
                          f"{_shape_str(('query', q), ('key', k), ('value', v))}") from None
-    for name, n in (("Lq", lq), ("Lk", lk), ("D", d), ("Dv", dv), ("Hq", hq)):
-        if n > INT32_MAX:
-            raise ValueError(f"{name} = {n} exceeds the 32-bit BLAS limit 2**31 - 1")
+    if max(lq, lk, d, dv, hq) > INT32_MAX:
+        for name, n in (("Lq", lq), ("Lk", lk), ("D", d), ("Dv", dv), ("Hq", hq)):
+            if n > INT32_MAX:
+                raise ValueError(f"{name} = {n} exceeds the 32-bit BLAS limit 2**31 - 1")
 
     c = _Call()
     c.query, c.key, c.value = q, k, v
@@ -183,7 +195,7 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
             left = max(-_UNBOUNDED, min(_UNBOUNDED, _index(wl, "window[0]")))
         if wr is not None:
             right = max(-_UNBOUNDED, min(_UNBOUNDED, _index(wr, "window[1]")))
-    if not isinstance(causal, (bool, np.bool_)):
+    if causal is not False and causal is not True and not isinstance(causal, np.bool_):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal:
         right = min(right, 0)
