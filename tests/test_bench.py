@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark harness (fastattn.bench): tiny shapes, --quick, no torch/ORT."""
+import json
+
+import numpy as np
+import pytest
+
+from fastattn import bench
+
+
+def test_visible_pairs_count_only_visible_keys():
+    L = 64
+    assert bench.Case(1, 1, L, L, 8).pairs() == L * L
+    assert bench.Case(1, 1, L, L, 8, causal=True).pairs() == L * (L + 1) // 2
+    # window (w, 0): row i sees min(i, w) + 1 keys
+    w = 5
+    assert bench.Case(2, 3, L, L, 8, window=(w, 0)).pairs() == \
+        2 * 3 * sum(min(i, w) + 1 for i in range(L))
+    # bottom-right alignment: a single query row sees the whole cache
+    dec = bench.Case(1, 4, 1, 100, 8, 16, Hkv=2, causal=True)
+    assert dec.pairs() == 4 * 100
+    assert dec.flops() == 2 * (8 + 16) * 400
+    assert dec.kv_bytes() == 2 * 100 * (8 + 16) * 4        # each KV row once per KV head
+
+
+def test_parse_shape_and_errors():
+    assert bench.parse_shape("2,8,1,64,32,16,2") == dict(B=2, Hq=8, Lq=1, Lk=64, D=32, Dv=16,
+                                                         Hkv=2)
+    with pytest.raises(Exception):
+        bench.parse_shape("1,2,3")
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "1,1,4,4,8", "--peers", "nosuchpeer", "--json", ""])
+
+
+def test_default_suite_covers_target_rows():
+    rows = {c.target for c in bench.suite()}
+    assert set("abcdef") <= rows
+    decode = [c for c in bench.suite() if c.target == "d"]
+    assert all(c.decode for c in decode) and any(c.Hkv != c.Hq for c in decode)
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    md = tmp_path / "R.md"
+    rc = bench.main(["--shapes", "1,2,16,16,8", "2,4,5,9,8,4,2", "--causal", "--quick",
+                     "--threads", "1,2", "--peers", "reference", "--json", str(out),
+                     "--plot", "", "--markdown", str(md)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 4
+    for r in res["rows"]:
+        assert r["time"] > 0 and r["gflops"] > 0
+        assert r["mode"] == "causal"
+        assert "reference" in r["ratio"] and r["ratio"]["reference"] > 0
+        assert r["maxdiff"]["reference"] < 1e-4 and not r["mismatch"]
+    for t in ("1", "2"):
+        assert res["sgemm"][t]["gflops"] > 0 and res["bandwidth"][t]["gbs"] > 0
+    text = md.read_text()
+    assert "python -m fastattn.bench --shapes 1,2,16,16,8" in text
+    assert "| 2x4/2x5x9x8x4 | float32 | causal |" in text.replace(" | causal | ", " | causal |") \
+        or "2x4/2x5x9x8x4" in text
+    printed = capsys.readouterr().out
+    assert "1x2x16x16x8" in printed
+
+
+def test_evaluate_marks_misses():
+    row = dict(target="e", shape="1x1x1x1x64", dtype="float32", mode="full", threads=1,
+               time=25e-6, ratio={}, decode=False)
+    res = {"rows": [row], "sgemm": {"1": {"gflops": 90.0}}, "bandwidth": {"1": {"gbs": 30.0}}}
+    (t,) = bench.evaluate(res)
+    assert t["target"] == "e" and t["met"] is False and "25.0 us" in t["measured"]
+    row["time"] = 4e-6
+    assert bench.evaluate(res)[0]["met"] is True
+
+
+def test_markdown_marks_miss_loudly():
+    res = {"rows": [], "targets": [{"target": "a", "what": "x", "measured": "0.5x",
+                                    "met": False}],
+           "options": {"threads": [1]}, "sgemm": {"1": {"gflops": 1.0}},
+           "bandwidth": {"1": {"gbs": 1.0}}, "elapsed": 1.0,
+           "machine": {"cpu": "cpu", "cores": 1, "python": "3", "platform": "p",
+                       "config": {"simd": "x"}, "peers": {}, "env": {}}}
+    assert "| a | x | 0.5x | **NO** |" in bench.markdown(res, [])
+
+
+def test_memory_child_reports_extra_rss(capsys):
+    spec = {"case": dict(B=1, Hq=1, Lq=256, Lk=256, D=16, Dv=16, Hkv=1, dtype="float32",
+                         causal=False), "threads": 1, "runner": "fastattn"}
+    bench._memory_child(spec)
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isfinite(r["extra_mb"]) and r["extra_mb"] < 64
