@@ -34,6 +34,7 @@ DIRECTIVES = {
 EXTENSIONS = [
     # (module name, sources)
     ("fastattn._kernel", ["src/fastattn/_kernel.pyx"]),
+    ("fastattn._fused", ["src/fastattn/_fused.pyx"]),
 ]
 
 
