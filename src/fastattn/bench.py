@@ -629,19 +629,33 @@ def run(cases, opts):
     busy = _busy(res["machine"])
     if busy:
         log("WARNING: " + busy)
+
+    def ceilings(when):
+        """Measure both ceilings; keep the best seen so far (they are measured at the start
+        and again at the end of the run, so a burst of other jobs does not lower them)."""
+        sg = sgemm_ceiling(opts.threads, n=384 if small else 1536, repeats=2 if small else 5)
+        bw = memory_bandwidth(opts.threads, mbytes=64 if small else 512,
+                              repeats=2 if small else 5)
+        for key, new, unit in (("sgemm", sg, "gflops"), ("bandwidth", bw, "gbs")):
+            cur = res.setdefault(key, {})
+            for t, v in new.items():
+                v = {**v, "when": when}
+                if str(t) not in cur or v[unit] > cur[str(t)][unit]:
+                    cur[str(t)] = v
+        for t in opts.threads:
+            log(f"  {t} thread(s): sgemm {sg[t]['gflops']:.1f} GF/s, "
+                f"memory read {bw[t]['gbs']:.1f} GB/s")
+
     log("ceilings ...")
-    res["sgemm"] = {str(t): v for t, v in sgemm_ceiling(
-        opts.threads, n=384 if small else 1536, repeats=2 if small else 5).items()}
-    res["bandwidth"] = {str(t): v for t, v in memory_bandwidth(
-        opts.threads, mbytes=64 if small else 512, repeats=2 if small else 5).items()}
-    for t in opts.threads:
-        log(f"  {t} thread(s): sgemm {res['sgemm'][str(t)]['gflops']:.1f} GF/s, "
-            f"memory read {res['bandwidth'][str(t)]['gbs']:.1f} GB/s")
+    ceilings("start")
     log(header())
     rows = []
     for case in cases:
         rows.extend(run_case(case, opts, res))
     res["rows"] = rows
+    if not small:
+        log("ceilings again ...")
+        ceilings("end")
     if opts.collision and max(opts.threads) > 1:
         log("thread collision (NumPy matmul then attention) ...")
         res["collision"] = collision(max(opts.threads), repeats=10 if small else 30)
@@ -889,13 +903,18 @@ def markdown(res, argv):
            f"{_load(m.get('loadavg_end'))} (the 2 cores are shared with other jobs: figures are "
            f"medians of interleaved repeats, and every ratio comes from the same run)",
            *([f"- **WARNING: {_busy(m)}**"] if _busy(m) else []),
-           "", "## Ceilings (measured in the same run, best of 5)", "",
+           "", "## Ceilings (measured at the start and at the end of the run; the best sample)",
+           "",
            "| threads | sgemm (float32, 1536^3) | memory read (max-reduction over 512 MB) |",
            "|---|---|---|"]
     for t in res["options"]["threads"]:
         out.append(f"| {t} | {res['sgemm'][str(t)]['gflops']:.1f} GF/s | "
                    f"{res['bandwidth'][str(t)]['gbs']:.1f} GB/s |")
+    met = sum(1 for t in res["targets"] if t["met"])
     out += ["", "## Targets (issue 4)", "",
+            f"**{met} of {len(res['targets'])} criteria met.**  Each ratio is peer time / "
+            "fastattn time from this run.  The encoder-layer and greedy-decode figures of the "
+            "blocks issue are not measured by this harness yet.", "",
             "| # | criterion | measured | met |", "|---|---|---|---|"]
     for t in res["targets"]:
         out.append(f"| {t['target']} | {t['what']} | {t['measured']} | "
@@ -944,11 +963,13 @@ def plot(res, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         return False
     rows = res["rows"]
-    labels = [f"{r['target']} {r['shape']} {r['dtype'][5:]} {r['mode']} {r['threads']}T"
-              for r in rows]
+    short = {"float32": "f32", "float64": "f64", "float16": "f16"}
+    labels = [f"{r['target']} {r['shape']} {short.get(r['dtype'], r['dtype'])} {r['mode']} "
+              f"{r['threads']}T" for r in rows]
     y = np.arange(len(rows))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.28 * len(rows) + 1.5), sharey=True)
     hgt = 0.38
@@ -957,6 +978,10 @@ def plot(res, path):
         ax1.barh(y + (i - 0.5) * hgt, vals, height=hgt, color=color, label=f"vs {peer}")
     ax1.axvline(1.0, color="k", lw=0.8)
     ax1.set_xscale("log")
+    ticks = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32]
+    ax1.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{t:g}" for t in ticks]))
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax1.set_xlabel("peer time / fastattn time (> 1: fastattn faster)")
     ax1.set_yticks(y, labels, fontsize=7)
     ax1.invert_yaxis()
