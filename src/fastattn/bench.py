@@ -435,7 +435,7 @@ class Options:
     repeats: int = 5
     min_sample: float = 0.02
     settle: float = 0.002
-    budget: float = 4.0           # seconds per (case, threads) after min_repeats rounds
+    budget: float = 3.0           # seconds per (case, threads) after min_repeats rounds
     peers: tuple = PEERS
     quick: bool = False
     full: bool = False
@@ -479,6 +479,9 @@ def run_case(case, opts, res=None):
                "time": t, "gflops": case.flops() / t / 1e9, "gbs": case.kv_bytes() / t / 1e9,
                "peer_time": {p: med[p] for p in med if p != "fastattn"},
                "ratio": {p: med[p] / t for p in med if p != "fastattn"},
+               # median over rounds of the ratio within a round (less sensitive to load drift)
+               "ratio_paired": {p: float(np.median(np.divide(samples[p], samples["fastattn"])))
+                                for p in med if p != "fastattn"},
                "unavailable": unavailable, "maxdiff": maxdiff,
                "mismatch": [p for p, d in maxdiff.items() if not d <= _tol(case.dtype)],
                "samples": samples}
@@ -662,7 +665,8 @@ def run(cases, opts):
     if opts.memory:
         log("memory (subprocess) ...")
         mem_case = Case(1, 1, 16384, 16384, 64, target="h")
-        runners = ("fastattn", "torch") if opts.full else ("fastattn",)
+        runners = ("fastattn",) + (tuple(p for p in ("torch", "onnxruntime")
+                                         if p in opts.peers) if opts.full else ())
         res["memory"] = memory(mem_case, sorted(set(opts.threads)), runners)
     res["targets"] = evaluate(res)
     try:
@@ -1103,7 +1107,7 @@ def main(argv=None):
     opts = Options(threads=threads, repeats=max(1, repeats),
                    min_sample=0.002 if args.quick else 0.02,
                    settle=args.settle if args.settle is not None else (0.0 if args.quick else 0.002),
-                   budget=1.0 if args.quick else 30.0 if args.full else 4.0,
+                   budget=1.0 if args.quick else 30.0 if args.full else 3.0,
                    peers=peers, quick=args.quick, full=args.full,
                    memory=not (args.no_memory or args.quick or custom),
                    collision=not custom,
