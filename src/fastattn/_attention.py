@@ -11,7 +11,7 @@ import operator
 import numpy as np
 
 from . import _kernel
-from ._threads import _HAS_LOCAL, blas_guard, check_num_threads, get_num_threads
+from ._threads import blas_guard, check_num_threads, get_num_threads
 
 __all__ = ["attention"]
 
@@ -25,6 +25,8 @@ BLOCK_K = 512               # keys per tile
 SPLIT_MIN_WORK = 8          # fewer work items than this: split the KV axis (decode) ...
 SPLIT_MIN_KEYS = 1024       # ... into chunks of at least this many keys
 SERIAL_FLOPS = 1 << 20      # calls below this many flops run on the calling thread
+SMALL_ROWS = 8              # the kernel streams K/V without BLAS for this few query rows
+BLAS_THREADED_FLOPS = 65536  # OpenBLAS may thread a GEMM from M·N·K = 4 x this; stay clear
 
 
 def _float_array(x, name):
@@ -327,8 +329,9 @@ def _run(c, o, weights):
     nthreads = 1 if flops < SERIAL_FLOPS else min(c.num_threads, nwork)
     args = (c.query, _blas_ready(c.key), _blas_ready(c.value), o, m, weights, c.klen, c.qoff,
             c.batch_shape, tiling, c.left, c.right, c.scale, c.softcap, nthreads)
-    if _HAS_LOCAL:
-        _kernel.attention_forward(*args)
+    heads, rows, bk = tiling[:3]
+    if heads * rows <= SMALL_ROWS or heads * rows * bk * max(d, dv) < BLAS_THREADED_FLOPS:
+        _kernel.attention_forward(*args)     # no tile GEMM that BLAS would thread
     else:
-        with blas_guard():
+        with blas_guard:
             _kernel.attention_forward(*args)

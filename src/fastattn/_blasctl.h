@@ -3,9 +3,9 @@
  * fastattn calls tile GEMMs from its own OpenMP threads, so the BLAS must not start threads
  * of its own inside them.  The library is found from the address of the gemm symbol SciPy
  * hands out (dladdr), and its OpenBLAS entry points are looked up by name (SciPy's wheels
- * prefix them with scipy_).  openblas_set_num_threads_local changes the count for the
- * calling thread only, so concurrent callers cannot race on it; where it is missing,
- * the Python side holds the global count at one around the kernel instead.
+ * prefix them with scipy_).  The count is global in OpenBLAS's pthreads builds (what SciPy
+ * ships; there openblas_set_num_threads_local also sets the global count), so the Python side
+ * (_threads.blas_guard) holds it at one, counted across concurrent callers, while kernels run.
  */
 #ifndef FASTATTN_BLASCTL_H
 #define FASTATTN_BLASCTL_H
@@ -16,11 +16,9 @@
 #define FA_HAVE_DL 1
 #endif
 
-typedef int (*fa_int_int_t)(int);
 typedef void (*fa_void_int_t)(int);
 typedef int (*fa_int_void_t)(void);
 
-static fa_int_int_t fa_blas_local = NULL;       /* openblas_set_num_threads_local */
 static fa_void_int_t fa_blas_global_set = NULL; /* openblas_set_num_threads */
 static fa_int_void_t fa_blas_global_get = NULL; /* openblas_get_num_threads */
 static char fa_blas_path[4096];
@@ -53,16 +51,12 @@ static const char *fa_blas_init(void *gemm_symbol) {
         for (i = 0; info.dli_fname[i] && i + 1 < sizeof fa_blas_path; i++) fa_blas_path[i] = info.dli_fname[i];
         fa_blas_path[i] = 0;
     }
-    static const char *const local_names[] = {
-        "openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local",
-        "openblas_set_num_threads_local64_", "scipy_openblas_set_num_threads_local64_", NULL};
     static const char *const set_names[] = {
         "scipy_openblas_set_num_threads", "openblas_set_num_threads",
         "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", NULL};
     static const char *const get_names[] = {
         "scipy_openblas_get_num_threads", "openblas_get_num_threads",
         "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", NULL};
-    fa_blas_local = (fa_int_int_t)fa_blas_sym(h, local_names);
     fa_blas_global_set = (fa_void_int_t)fa_blas_sym(h, set_names);
     fa_blas_global_get = (fa_int_void_t)fa_blas_sym(h, get_names);
     dlclose(h);  /* RTLD_NOLOAD took a reference on a library SciPy keeps loaded */
@@ -71,15 +65,6 @@ static const char *fa_blas_init(void *gemm_symbol) {
     (void)gemm_symbol;
     return NULL;
 #endif
-}
-
-static int fa_blas_has_local(void) { return fa_blas_local != NULL; }
-
-/* Set the calling thread's BLAS thread count (0: back to the global count); returns the
- * previous setting, or -1 (a no-op) where the library has no per-thread control. */
-static int fa_blas_set_local(int n) {
-    if (!fa_blas_local || n < 0) return -1;
-    return fa_blas_local(n);
 }
 
 static int fa_blas_get_global(void) { return fa_blas_global_get ? fa_blas_global_get() : -1; }

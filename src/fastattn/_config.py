@@ -1,6 +1,6 @@
 """fastattn.show_config: what this build runs on."""
 from . import _kernel
-from ._threads import BLAS_PATH, _HAS_LOCAL, get_num_threads
+from ._threads import BLAS_CONTROL, BLAS_PATH, get_num_threads
 
 SIMD = _kernel.simd_init(True)
 
@@ -17,8 +17,8 @@ def show_config(print_=True):
         "openmp": _kernel.openmp_enabled(),
         "num_threads": get_num_threads(),
         "blas": BLAS_PATH or "unknown",
-        "blas_thread_control": "per-thread (openblas_set_num_threads_local)" if _HAS_LOCAL
-        else ("global, held at 1 during kernels" if _kernel.blas_get_global() > 0 else "none"),
+        "blas_threads": _kernel.blas_get_global(),
+        "blas_thread_control": "held at 1 inside kernels" if BLAS_CONTROL else "unavailable",
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
     }

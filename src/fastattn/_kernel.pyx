@@ -47,8 +47,6 @@ cdef extern from "_simd.h" nogil:
 
 cdef extern from "_blasctl.h" nogil:
     const char *fa_blas_init(void *gemm_symbol)
-    int fa_blas_set_local(int n)
-    int fa_blas_has_local()
     int fa_blas_set_global(int n)
     int fa_blas_get_global()
 
@@ -373,27 +371,22 @@ cdef void run(Problem *P, Py_ssize_t nwork, Py_ssize_t nrows, int nthreads,
     cdef Py_ssize_t tile = P.heads * P.rows
     cdef size_t nscratch = tile * (P.d + P.bk + P.dv + 2)
     cdef floating *scratch
-    cdef int prev
     if nthreads <= 1 or nwork <= 1:
         scratch = <floating *>malloc(nscratch * sizeof(floating))
         if scratch == NULL:
             P.failed[0] = 1
             return
-        prev = fa_blas_set_local(1)
         for w in range(nwork):
             process_item(P, w, scratch)
-        fa_blas_set_local(prev)
         free(scratch)
     else:
         with parallel(num_threads=nthreads):
             scratch = <floating *>malloc(nscratch * sizeof(floating))
-            prev = fa_blas_set_local(1)
             for w in prange(nwork, schedule='dynamic'):
                 if scratch == NULL:
                     P.failed[0] = 1
                 else:
                     process_item(P, w, scratch)
-            fa_blas_set_local(prev)
             free(scratch)
     if P.n_splits > 1 and not P.failed[0]:
         if nthreads <= 1:
@@ -568,10 +561,6 @@ def blas_init():
     """Find the thread controls of the BLAS behind scipy.linalg.cython_blas; returns its path."""
     p = fa_blas_init(<void *>sgemm)
     return p.decode() if p != NULL else None
-
-
-def blas_has_local():
-    return bool(fa_blas_has_local())
 
 
 def blas_set_global(int n):

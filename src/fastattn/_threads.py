@@ -1,14 +1,13 @@
 """Thread policy: fastattn's own thread count, and the BLAS held to one thread inside kernels.
 
-fastattn runs all of its parallel work on its own OpenMP threads and calls BLAS on small
-tiles from inside them, so the BLAS behind ``scipy.linalg.cython_blas`` must not start
-threads of its own there.  Where OpenBLAS has ``openblas_set_num_threads_local`` (0.3.27+)
-the kernel sets it on each of its threads (no shared state, no cost).  Otherwise the global
-count is held at one while any kernel runs, by a counted guard.
+fastattn runs its parallel work on its own OpenMP threads and calls BLAS on tiles from
+inside them, so the BLAS behind ``scipy.linalg.cython_blas`` must not start threads of its
+own there.  OpenBLAS's thread count is global (in its pthreads builds, which SciPy ships,
+even ``openblas_set_num_threads_local`` sets the global count), so ``blas_guard`` holds it
+at one while any kernel runs, with one save/restore shared by all concurrent callers.
 """
 import os
 import threading
-from contextlib import contextmanager
 
 from . import _kernel
 
@@ -31,10 +30,7 @@ def _default_threads():
 
 _num_threads = _default_threads()
 BLAS_PATH = _kernel.blas_init()
-_HAS_LOCAL = _kernel.blas_has_local()
-_lock = threading.Lock()
-_active = 0
-_saved = -1
+BLAS_CONTROL = _kernel.blas_get_global() > 0     # the library's thread count is reachable
 
 
 def get_num_threads():
@@ -51,34 +47,41 @@ def set_num_threads(n):
 
 
 def check_num_threads(n, name="num_threads"):
-    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    n = int(n.__index__()) if not isinstance(n, int) else n
+    n = n.__index__()
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
     return n
 
 
-@contextmanager
-def blas_guard():
-    """Hold the BLAS library's global thread count at one while the body runs.
+class _BlasGuard:
+    """``with blas_guard:`` holds the BLAS library's global thread count at one.
 
-    A no-op where the kernel can limit its own threads (openblas_set_num_threads_local).
-    Nested and concurrent guards share one save/restore, so a caller never restores a
-    count another caller set.
+    Nested and concurrent holders share one save/restore: the first to enter saves the
+    count, the last to leave restores it, so no caller restores a count another one set.
     """
-    global _active, _saved
-    if _HAS_LOCAL:
-        yield
-        return
-    with _lock:
-        if _active == 0:
-            _saved = _kernel.blas_set_global(1)
-        _active += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _active -= 1
-            if _active == 0 and _saved > 0:
-                _kernel.blas_set_global(_saved)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved = -1
+
+    def __enter__(self):
+        if BLAS_CONTROL:
+            with self._lock:
+                if self._holders == 0:
+                    self._saved = _kernel.blas_set_global(1)
+                self._holders += 1
+        return self
+
+    def __exit__(self, *exc):
+        if BLAS_CONTROL:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0 and self._saved > 1:
+                    _kernel.blas_set_global(self._saved)
+        return False
+
+
+blas_guard = _BlasGuard()
