@@ -466,8 +466,12 @@ def run_case(case, opts, res=None):
                         unavailable[peer] = why
                 else:
                     calls[peer] = f
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             med, samples, first = time_interleaved(calls, opts.repeats, opts.min_sample,
                                                    opts.settle, opts.budget)
+            # CPU time this process got, per requested core: well below 1 means other jobs
+            # took the cores (spinning threads count as CPU, so near 1 does not prove quiet)
+            cpu = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9) / n
         ref = np.asarray(first["fastattn"], np.float64)
         maxdiff = {p: float(np.max(np.abs(np.asarray(o, np.float64) - ref)))
                    for p, o in first.items() if p != "fastattn"}
@@ -483,7 +487,7 @@ def run_case(case, opts, res=None):
                # median over rounds of the ratio within a round (less sensitive to load drift)
                "ratio_paired": {p: float(np.median(np.divide(samples[p], samples["fastattn"])))
                                 for p in med if p != "fastattn"},
-               "unavailable": unavailable, "maxdiff": maxdiff,
+               "cpu_share": cpu, "unavailable": unavailable, "maxdiff": maxdiff,
                "mismatch": [p for p, d in maxdiff.items() if not d <= _tol(case.dtype)],
                "samples": samples}
         rows.append(row)
@@ -815,8 +819,8 @@ def _fmt_ratio(row, peer):
 
 
 COLUMNS = ("tgt", "shape", "dtype", "mode", "thr", "fastattn", "rate", "of ceil",
-           "torch", "ort", "ref")
-WIDTHS = (3, 20, 7, 13, 3, 10, 11, 7, 6, 6, 7)
+           "torch", "ort", "ref", "cpu")
+WIDTHS = (3, 20, 7, 13, 3, 10, 11, 7, 6, 6, 7, 4)
 
 
 def header():
@@ -842,7 +846,8 @@ def _cells(row, res):
     rate, frac = _rate(row, res)
     return [row["target"], row["shape"], row["dtype"], row["mode"], str(row["threads"]),
             _fmt_time(row["time"]), rate, "-" if frac is None else f"{frac:.2f}",
-            _fmt_ratio(row, "torch"), _fmt_ratio(row, "onnxruntime"), _fmt_ratio(row, "reference")]
+            _fmt_ratio(row, "torch"), _fmt_ratio(row, "onnxruntime"), _fmt_ratio(row, "reference"),
+            f"{row['cpu_share']:.2f}" if "cpu_share" in row else "-"]
 
 
 def format_row(row, res):
@@ -858,7 +863,8 @@ def text_report(res):
                  "decode, GB/s of K+V read.  of ceil: fraction of sgemm (or of memory read "
                  "bandwidth) at the same thread count.  torch/ort/ref: peer time / fastattn time "
                  "(>1: fastattn faster; '!': outputs differ; n/a: peer cannot run it; "
-                 "-: not run).")
+                 "-: not run).  cpu: CPU time the process got per requested core while the "
+                 "row ran (well below 1: other jobs took the cores).")
     col = res.get("collision")
     if col:
         lines.append("")
@@ -936,7 +942,10 @@ def markdown(res, argv):
             "thread count.  Peer columns are peer time / fastattn time: > 1 means fastattn is "
             "faster; n/a: the peer cannot express the call without a materialised mask; -: not "
             "run (reference_attention only on small shapes; peers on row c only with --full); "
-            "'!' marks a peer whose output differed from fastattn's.", "",
+            "'!' marks a peer whose output differed from fastattn's.  'cpu' is the CPU time "
+            "the process got per requested core while the row ran: well below 1 means other "
+            "jobs held the cores (spinning threads count as CPU, so a value near 1 does not "
+            "prove the machine was quiet).", "",
             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in res["rows"]:
         out.append("| " + " | ".join(_cells(r, res)) + " |")
