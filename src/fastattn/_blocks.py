@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _fused
 from ._attention import attention
-from ._threads import _HAS_LOCAL, blas_guard, get_num_threads
+from ._threads import blas_guard, get_num_threads
 
 __all__ = ["LayerNorm", "MultiHeadAttention", "EncoderLayer", "DecoderLayer", "Encoder",
            "Decoder", "Transformer", "DecoderCache", "linear"]
@@ -78,18 +78,27 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
-def _run(fn, *args):
-    if _HAS_LOCAL:
-        return fn(*args)
-    with blas_guard():
-        return fn(*args)
+def _blas_one_thread():
+    """The guard holding the BLAS library to one thread (counted across callers): every
+    public entry point holds it around its whole forward pass, GEMMs and attention calls."""
+    return blas_guard if hasattr(blas_guard, "__enter__") else blas_guard()
+
+
+def _guarded(method):
+    def wrapper(*args, **kwargs):
+        with _blas_one_thread():
+            return method(*args, **kwargs)
+    wrapper.__name__, wrapper.__qualname__ = method.__name__, method.__qualname__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
 
 
 def _linear(x, w, b=None, act=None, out=None, accumulate=False):
-    """out (N, M) [+]= act(x (N, K) · wᵀ + b) on fastattn's threads."""
+    """out (N, M) [+]= act(x (N, K) · wᵀ + b) on fastattn's threads (the caller holds the
+    BLAS guard)."""
     if out is None:
         out = np.empty((x.shape[0], w.shape[0]), x.dtype)
-    return _run(_fused.linear, x, w, b, out, act, accumulate, get_num_threads())
+    return _fused.linear(x, w, b, out, act, accumulate, get_num_threads())
 
 
 def _layernorm(x, y, norm, sum_out=None, norm_out=None):
@@ -100,6 +109,7 @@ def _layernorm(x, y, norm, sum_out=None, norm_out=None):
                                 get_num_threads())
 
 
+@_guarded
 def linear(x, weight, bias=None, *, activation=None, out=None):
     """``act(x · weightᵀ + bias)`` for x ``(..., K)``, weight ``(M, K)`` (PyTorch's layout).
 
@@ -369,10 +379,15 @@ class MultiHeadAttention(_Block):
         D = self.head_dim
         return a.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
-    def _attend(self, q, k, v, B, Lq, *, mask, key_lengths, causal, return_weights=False):
-        """q (B, H, Lq, D), k/v (B, Hkv, Lk, D) views -> (B·Lq, E) buffer [, weights]."""
+    def _attend(self, q, k, v, B, Lq, *, mask, key_lengths, causal, return_weights=False,
+                query_offset=None):
+        """q (B, H, Lq, D), k/v (B, Hkv, Lk, D) views -> (B·Lq, E) buffer [, weights].
+
+        query_offset: absolute position of query row 0 for `causal` (attention's default,
+        None, aligns the last query row with the last valid key)."""
         ob = np.empty((B, Lq, self.num_heads, self.head_dim), self.dtype)     # (B, L, H, D)
         r = attention(q, k, v, mask=mask, key_lengths=key_lengths, causal=causal,
+                      query_offset=query_offset if causal else None,
                       return_weights=return_weights, out=ob.transpose(0, 2, 1, 3))
         ob = ob.reshape(B * Lq, self.embed_dim)
         return (ob, r[1]) if return_weights else (ob, None)
@@ -389,8 +404,9 @@ class MultiHeadAttention(_Block):
         q = self._heads(qkv[:, :E], B, L, H)                              # (B, H, L, D)
         k = self._heads(qkv[:, E:E + Ekv], B, L, Hkv)                     # (B, Hkv, L, D)
         v = self._heads(qkv[:, E + Ekv:], B, L, Hkv)
+        # one sequence: query i and key i are the same position, also when padded
         ob, w = self._attend(q, k, v, B, L, mask=mask, key_lengths=key_lengths, causal=causal,
-                             return_weights=return_weights)
+                             return_weights=return_weights, query_offset=0)
         return self._out(ob, out, accumulate), w
 
     def _cross(self, x2, B, L, k, v, *, mask, key_lengths, causal=False, out=None,
@@ -411,6 +427,7 @@ class MultiHeadAttention(_Block):
         v = _linear(_rows(value), self._w("v"), self._b("v"))
         return self._heads(k, B, S, Hkv), self._heads(v, B, S, Hkv)
 
+    @_guarded
     def __call__(self, query, key=None, value=None, *, mask=None, key_lengths=None,
                  causal=False, return_weights=False):
         E = self.embed_dim
@@ -528,6 +545,7 @@ class EncoderLayer(_Layer):
         y = self._ff(h)
         return _layernorm(h, y, self.norm2, norm_out=y)                   # norm2(h + ff(h))
 
+    @_guarded
     def __call__(self, x, *, mask=None, key_lengths=None, causal=False):
         a, unbatched = _input(x, "x", self.d_model, self.dtype)
         B, L, E = a.shape
@@ -588,8 +606,9 @@ class DecoderLayer(_Layer):
         q = sa._heads(qkv[:, :E], B, t, H)                                # (B, H, t, D)
         k = lc["k"][:, :, :pos + t]                                       # (B, Hkv, pos+t, D)
         v = lc["v"][:, :, :pos + t]
-        # bottom-right causal alignment: new row i sits at absolute position pos + i
-        ob, _ = sa._attend(q, k, v, B, t, mask=mask, key_lengths=None, causal=causal)
+        # new row i sits at absolute position pos + i (bottom-right alignment)
+        ob, _ = sa._attend(q, k, v, B, t, mask=mask, key_lengths=None, causal=causal,
+                           query_offset=pos)
         return sa._out(ob, out, accumulate)
 
     def _forward(self, x2, B, L, mem, mask, key_lengths, causal, memory_mask,
@@ -631,6 +650,7 @@ class DecoderLayer(_Layer):
         y = self._ff(h)
         return _layernorm(h, y, self.norm3, norm_out=y)                   # norm3(h + ff(h))
 
+    @_guarded
     def new_cache(self, memory, max_length, *, memory_key_lengths=None):
         """A cache for incremental decoding through this layer (see Decoder.new_cache)."""
         return DecoderCache._make([self], memory, max_length, memory_key_lengths)
@@ -684,6 +704,7 @@ class Encoder(_Block):
         kids = [(f"layers.{i}", lyr) for i, lyr in enumerate(self.layers)]
         return kids + ([("norm", self.norm)] if self.norm is not None else [])
 
+    @_guarded
     def __call__(self, x, *, mask=None, key_lengths=None, causal=False):
         a, unbatched = _input(x, "x", self.d_model, self.dtype)
         B, L, E = a.shape
@@ -770,6 +791,7 @@ def _lengths(x, name, B, limit):
     return a
 
 
+@_guarded
 def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
             memory_key_lengths, cache):
     """Run decoder layers (+ final norm) on x, with or without a cache."""
@@ -845,6 +867,7 @@ class Decoder(_Block):
         kids = [(f"layers.{i}", lyr) for i, lyr in enumerate(self.layers)]
         return kids + ([("norm", self.norm)] if self.norm is not None else [])
 
+    @_guarded
     def new_cache(self, memory, max_length, *, memory_key_lengths=None):
         """Cross-attention K/V of `memory` for every layer, and self-attention K/V buffers
         for up to `max_length` decoded positions.  Returns a DecoderCache."""
@@ -907,6 +930,7 @@ class Transformer(_Block):
                             memory_mask=memory_mask, memory_key_lengths=memory_key_lengths,
                             cache=cache)
 
+    @_guarded
     def new_cache(self, memory, max_length, *, memory_key_lengths=None):
         return self.decoder.new_cache(memory, max_length, memory_key_lengths=memory_key_lengths)
 

@@ -2,10 +2,11 @@
 # fastattn's OpenMP threads with its bias + activation applied per chunk, and the
 # residual + LayerNorm row pass.
 #
-# One thread pool: every parallel region here runs on fastattn's OpenMP threads, and each of
-# those threads holds the BLAS behind scipy.linalg.cython_blas to one thread of its own
-# (fa_blas_set_local), so a projection never starts OpenBLAS workers that would then spin
-# against the attention kernel's threads.
+# One thread pool: every parallel region here runs on fastattn's OpenMP threads, and the
+# BLAS behind scipy.linalg.cython_blas is held to one thread while they run (the caller holds
+# fastattn._threads.blas_guard: OpenBLAS's count is global in SciPy's pthreads builds), so a
+# projection never starts OpenBLAS workers that would then spin against the attention
+# kernel's threads.
 #
 #   linear:  out (N x M) [+]= act(x (N x K) · wᵀ + b)       w is (M x K), PyTorch's layout
 #            the N rows (or, for few rows, the M columns) are cut into one chunk per thread;
@@ -19,7 +20,7 @@
 
 # cython: language_level=3
 
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange
 from libc.string cimport memset
 from libc.math cimport erf, tanh, sqrt
 from scipy.linalg.cython_blas cimport sgemm, dgemm
@@ -34,8 +35,6 @@ ctypedef fused floating:
 
 cdef extern from "_blasctl.h" nogil:
     const char *fa_blas_init(void *gemm_symbol)
-    int fa_blas_set_local(int n)
-    int fa_blas_has_local()
 
 cdef extern from *:
     """
@@ -260,6 +259,80 @@ cdef extern from *:
     }
     FF_ADD_LN(ff_add_ln_f32, float)
     FF_ADD_LN(ff_add_ln_f64, double)
+
+    /* Few rows (decoding): out (n x m) [+]= x (n x k) · wᵀ streams w once, row by row, with
+     * the n rows of x staying in L1; OpenBLAS would pack w first (three passes over it).
+     * Memory-bound on w, so one pass is what matters. */
+    #define FF_SMALL_N 8
+    #if FF_X86
+    FF_AVX2 static inline float ff_hsum8(__m256 v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        return _mm_cvtss_f32(s);
+    }
+
+    /* rows [0, n) of x, w rows j and j + 1 (w1 may equal w0 for an odd tail) */
+    FF_AVX2 static void ff_smalln_pair(ptrdiff_t n, ptrdiff_t k, const float *x, ptrdiff_t ldx,
+                                       const float *w0, const float *w1, float *o0, float *o1,
+                                       ptrdiff_t ldo, int accumulate) {
+        const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        ptrdiff_t tail = k % 8, body = k - tail;
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), idx);
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += 4) {
+            ptrdiff_t ni = n - i0 < 4 ? n - i0 : 4;
+            const float *x0 = x + i0 * ldx;
+            const float *x1 = x0 + (ni > 1 ? ldx : 0);
+            const float *x2 = x0 + (ni > 2 ? 2 * ldx : 0);
+            const float *x3 = x0 + (ni > 3 ? 3 * ldx : 0);
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+            __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+            ptrdiff_t p = 0;
+            for (; p < body; p += 8) {
+                __m256 u = _mm256_loadu_ps(w0 + p), v = _mm256_loadu_ps(w1 + p), t;
+                t = _mm256_loadu_ps(x0 + p); a00 = _mm256_fmadd_ps(t, u, a00); a01 = _mm256_fmadd_ps(t, v, a01);
+                t = _mm256_loadu_ps(x1 + p); a10 = _mm256_fmadd_ps(t, u, a10); a11 = _mm256_fmadd_ps(t, v, a11);
+                t = _mm256_loadu_ps(x2 + p); a20 = _mm256_fmadd_ps(t, u, a20); a21 = _mm256_fmadd_ps(t, v, a21);
+                t = _mm256_loadu_ps(x3 + p); a30 = _mm256_fmadd_ps(t, u, a30); a31 = _mm256_fmadd_ps(t, v, a31);
+            }
+            if (tail) {
+                __m256 u = _mm256_maskload_ps(w0 + p, mask), v = _mm256_maskload_ps(w1 + p, mask), t;
+                t = _mm256_maskload_ps(x0 + p, mask); a00 = _mm256_fmadd_ps(t, u, a00); a01 = _mm256_fmadd_ps(t, v, a01);
+                t = _mm256_maskload_ps(x1 + p, mask); a10 = _mm256_fmadd_ps(t, u, a10); a11 = _mm256_fmadd_ps(t, v, a11);
+                t = _mm256_maskload_ps(x2 + p, mask); a20 = _mm256_fmadd_ps(t, u, a20); a21 = _mm256_fmadd_ps(t, v, a21);
+                t = _mm256_maskload_ps(x3 + p, mask); a30 = _mm256_fmadd_ps(t, u, a30); a31 = _mm256_fmadd_ps(t, v, a31);
+            }
+            float r[4][2] = {{ff_hsum8(a00), ff_hsum8(a01)}, {ff_hsum8(a10), ff_hsum8(a11)},
+                             {ff_hsum8(a20), ff_hsum8(a21)}, {ff_hsum8(a30), ff_hsum8(a31)}};
+            for (ptrdiff_t i = 0; i < ni; i++) {
+                float *q0 = o0 + (i0 + i) * ldo, *q1 = o1 + (i0 + i) * ldo;
+                if (accumulate) { *q0 += r[i][0]; if (q1 != q0) *q1 += r[i][1]; }
+                else { *q0 = r[i][0]; *q1 = r[i][1]; }
+            }
+        }
+    }
+    #endif
+
+    /* 1 if it ran (AVX2 available), 0 if the caller must use the BLAS */
+    static int ff_gemm_smalln_f32(ptrdiff_t n, ptrdiff_t m, ptrdiff_t k, const float *x,
+                                  ptrdiff_t ldx, const float *w, ptrdiff_t ldw, float *out,
+                                  ptrdiff_t ldo, int accumulate) {
+    #if FF_X86
+        if (!ff_avx2) return 0;
+        ptrdiff_t j = 0;
+        for (; j + 1 < m; j += 2)
+            ff_smalln_pair(n, k, x, ldx, w + j * ldw, w + (j + 1) * ldw, out + j, out + j + 1,
+                           ldo, accumulate);
+        if (j < m)
+            ff_smalln_pair(n, k, x, ldx, w + j * ldw, w + j * ldw, out + j, out + j, ldo,
+                           accumulate);
+        return 1;
+    #else
+        (void)n; (void)m; (void)k; (void)x; (void)ldx; (void)w; (void)ldw; (void)out;
+        (void)ldo; (void)accumulate;
+        return 0;
+    #endif
+    }
     """
     const char *ff_simd_init(int use_simd) nogil
     void ff_bias_act_f32(float *y, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
@@ -270,6 +343,10 @@ cdef extern from *:
                        const float *b, double eps, Py_ssize_t n) noexcept nogil
     void ff_add_ln_f64(const double *x, const double *y, double *h, double *o,
                        const double *g, const double *b, double eps, Py_ssize_t n) noexcept nogil
+    int FF_SMALL_N
+    int ff_gemm_smalln_f32(Py_ssize_t n, Py_ssize_t m, Py_ssize_t k, const float *x,
+                           Py_ssize_t ldx, const float *w, Py_ssize_t ldw, float *out,
+                           Py_ssize_t ldo, int accumulate) noexcept nogil
 
 cdef enum BlasTrans:
     NoTrans = 110  # 'n'
@@ -325,7 +402,14 @@ cdef void linear_chunk(const Linear *L, Py_ssize_t c, floating dummy) noexcept n
     cdef floating *w = <floating *>L.w + c0 * L.ldw
     cdef floating *o = <floating *>L.out + r0 * L.ldo + c0
     cdef floating *b = <floating *>L.b + c0 if L.b != NULL else NULL
-    if L.k > 0:
+    cdef bint done = False
+    if floating is float:
+        if L.k > 0 and r1 - r0 <= FF_SMALL_N:
+            done = ff_gemm_smalln_f32(r1 - r0, c1 - c0, L.k, x, L.ldx, w, L.ldw, o, L.ldo,
+                                      L.accumulate)
+    if done:
+        pass
+    elif L.k > 0:
         gemm_nt(<int>(r1 - r0), <int>(c1 - c0), <int>L.k, x, <int>L.ldx, w, <int>L.ldw,
                 <floating>(1 if L.accumulate else 0), o, <int>L.ldo)
     elif not L.accumulate:
@@ -339,18 +423,12 @@ cdef void linear_chunk(const Linear *L, Py_ssize_t c, floating dummy) noexcept n
 
 cdef void linear_run(const Linear *L, int nthreads, floating dummy) noexcept nogil:
     cdef Py_ssize_t c
-    cdef int prev
     if nthreads <= 1 or L.nchunks <= 1:
-        prev = fa_blas_set_local(1)
         for c in range(L.nchunks):
             linear_chunk(L, c, dummy)
-        fa_blas_set_local(prev)
     else:
-        with parallel(num_threads=nthreads):
-            prev = fa_blas_set_local(1)
-            for c in prange(L.nchunks, schedule='static'):
-                linear_chunk(L, c, dummy)
-            fa_blas_set_local(prev)
+        for c in prange(L.nchunks, num_threads=nthreads, schedule='static'):
+            linear_chunk(L, c, dummy)
 
 
 cdef Py_ssize_t _row_stride(cnp.ndarray a, str name) except -1:
@@ -358,6 +436,8 @@ cdef Py_ssize_t _row_stride(cnp.ndarray a, str name) except -1:
     cdef Py_ssize_t isz = a.itemsize
     if a.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {(<object>a).shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        return max(1, a.shape[1])                  # nothing is read or written
     if a.shape[1] > 1 and a.strides[1] != isz:
         raise ValueError(f"{name} must have a unit-stride last axis, got strides "
                          f"{(<object>a).strides}")
@@ -381,8 +461,9 @@ def linear(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, cnp.ndarray out,
 
     weight is (M, K) (PyTorch's Linear layout); bias (M,) or None.  x, weight, out must share
     a float32/float64 dtype and have unit-stride rows.  The GEMM runs on ``nthreads`` OpenMP
-    threads (rows, or columns when there are few rows, split into one chunk per thread), each
-    holding the BLAS to one thread; the GIL is released.  Returns out.
+    threads (rows, or columns when there are few rows, split into one chunk per thread); the
+    caller holds the BLAS to one thread (``with blas_guard:``).  The GIL is released.
+    Returns out.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of 'relu', 'gelu', 'gelu_tanh' or None, "
@@ -429,7 +510,9 @@ def linear(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, cnp.ndarray out,
     cdef Py_ssize_t nt = nthreads
     if 2 * L.n * L.m * max(L.k, 1) < PARALLEL_MIN_FLOPS:
         nt = 1
-    L.split_rows = L.n >= ROWS_PER_THREAD * nt or L.m < 16 * nt
+    # each thread packs the whole operand that is not split: split the larger one (x's rows
+    # or w's rows, i.e. out's columns), rows only when each thread gets enough of them
+    L.split_rows = L.n >= ROWS_PER_THREAD * nt and (L.n >= L.m or L.m < 16 * nt)
     cdef Py_ssize_t extent = L.n if L.split_rows else L.m
     cdef Py_ssize_t align = 8 if L.split_rows else 16
     nt = min(nt, extent)
@@ -586,4 +669,3 @@ def _blas_init():
 
 SIMD = simd_init(True)
 BLAS_PATH = _blas_init()
-HAS_LOCAL = bool(fa_blas_has_local())

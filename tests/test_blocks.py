@@ -1,0 +1,613 @@
+"""Transformer blocks (api.md section 3): parity with torch.nn, the KV cache, weights, pickling,
+and the fused Cython passes under them.
+
+Parity: a torch.nn module in eval mode and the fastattn block built from it (``from_torch``)
+agree within 1e-4 max abs error on unit-scale float32 inputs (rows at padded query positions
+are unspecified and not compared).  Torch is a test-only dependency: the tests that need it
+take the ``torch`` fixture and are skipped, with the reason, where it is absent.
+"""
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import _fused
+
+TOL = 1e-4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh"]
+
+
+@pytest.fixture(scope="module")
+def torch():
+    t = pytest.importorskip("torch", reason="torch is a test-only dependency (pip install "
+                                            "torch) and is not installed")
+    t.manual_seed(0)
+    warnings.filterwarnings("ignore", message=".*nested tensor.*")
+    warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
+    # References run with autograd on (torch.enable_grad), so that torch takes its composite
+    # path: its inference fast path (TransformerEncoderLayer under no_grad) computes exact
+    # gelu even for GELU(approximate="tanh") (torch 2.13: errors of 1.3e-4).
+    return t
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def randn(*shape, seed=0):
+    return rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def torch_act(torch, name):
+    if name == "gelu_tanh":
+        return torch.nn.GELU(approximate="tanh")
+    return name
+
+
+def randomize(torch, module, seed=0):
+    """Non-trivial norms and biases (torch initialises them to 1 and 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(p + 0.3 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def valid_rows(y, lengths):
+    """Rows of (B, L, E) at non-padded positions, concatenated."""
+    return np.concatenate([y[b, :n] for b, n in enumerate(lengths)])
+
+
+def pad_mask(torch, lengths, L):
+    """torch key_padding_mask (True = padding) for right padding."""
+    return torch.from_numpy(np.arange(L)[None, :] >= np.asarray(lengths)[:, None])
+
+
+def causal_torch(torch, L):
+    return torch.nn.Transformer.generate_square_subsequent_mask(L)
+
+
+def bf(torch, x, batch_first):
+    """numpy (B, L, E) -> the torch layout of a module with this batch_first."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t if batch_first else t.transpose(0, 1)
+
+
+def unbf(y, batch_first):
+    y = y.detach().detach().numpy()
+    return y if batch_first else y.transpose(1, 0, 2)
+
+
+# ---- parity with torch.nn ------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_layer_matches_torch(torch, norm_first, activation, batch_first):
+    E, H, F, B, L = 32, 4, 64, 3, 11
+    tl = randomize(torch, torch.nn.TransformerEncoderLayer(
+        E, H, F, dropout=0.0, activation=torch_act(torch, activation), norm_first=norm_first,
+        batch_first=batch_first)).eval()
+    layer = fastattn.EncoderLayer.from_torch(tl)
+    assert (layer.activation, layer.norm_first) == (activation, norm_first)
+    x = randn(B, L, E)
+    with torch.enable_grad():
+        ref = unbf(tl(bf(torch, x, batch_first)), batch_first)
+    assert max_err(layer(x), ref) <= TOL
+    # padding: key_lengths <-> src_key_padding_mask
+    lengths = [11, 7, 1]
+    with torch.enable_grad():
+        ref = unbf(tl(bf(torch, x, batch_first), src_key_padding_mask=pad_mask(torch, lengths, L)),
+                   batch_first)
+    y = layer(x, key_lengths=np.array(lengths))
+    assert np.isfinite(y).all()
+    assert max_err(valid_rows(y, lengths), valid_rows(ref, lengths)) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_encoder_layer_masks_match_torch(torch, kind):
+    E, H, F, B, L = 32, 4, 48, 2, 9
+    tl = randomize(torch, torch.nn.TransformerEncoderLayer(E, H, F, dropout=0.0,
+                                                           batch_first=True)).eval()
+    layer = fastattn.EncoderLayer.from_torch(tl)
+    x = randn(B, L, E, seed=1)
+    allow = rng(2).random((L, L)) < 0.6
+    np.fill_diagonal(allow, True)                      # no fully hidden row (torch gives NaN)
+    if kind == "bool":
+        ours, theirs = allow, torch.from_numpy(~allow)     # torch: True = not allowed
+    else:
+        add = np.where(allow, rng(3).standard_normal((L, L)), -np.inf).astype(np.float32)
+        ours, theirs = add, torch.from_numpy(add)
+    with torch.enable_grad():
+        ref = tl(torch.from_numpy(x), src_mask=theirs).detach().numpy()
+    assert max_err(layer(x, mask=ours), ref) <= TOL
+    # causal flag == an explicit causal mask
+    with torch.enable_grad():
+        ref = tl(torch.from_numpy(x), src_mask=causal_torch(torch, L), is_causal=True).detach().numpy()
+    assert max_err(layer(x, causal=True), ref) <= TOL
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_decoder_layer_matches_torch(torch, norm_first, activation):
+    E, H, F, B, L, S = 32, 4, 64, 3, 8, 10
+    td = randomize(torch, torch.nn.TransformerDecoderLayer(
+        E, H, F, dropout=0.0, activation=torch_act(torch, activation), norm_first=norm_first,
+        batch_first=True)).eval()
+    layer = fastattn.DecoderLayer.from_torch(td)
+    x, mem = randn(B, L, E, seed=1), randn(B, S, E, seed=2)
+    with torch.enable_grad():
+        ref = td(torch.from_numpy(x), torch.from_numpy(mem), tgt_mask=causal_torch(torch, L),
+                 tgt_is_causal=True).detach().numpy()
+    assert max_err(layer(x, mem), ref) <= TOL
+    # padding of both: key_lengths <-> tgt_key_padding_mask, memory_key_lengths <-> memory's
+    tl_, ml = [8, 5, 2], [10, 3, 7]
+    with torch.enable_grad():
+        ref = td(torch.from_numpy(x), torch.from_numpy(mem), tgt_mask=causal_torch(torch, L),
+                 tgt_key_padding_mask=pad_mask(torch, tl_, L),
+                 memory_key_padding_mask=pad_mask(torch, ml, S)).detach().numpy()
+    y = layer(x, mem, key_lengths=np.array(tl_), memory_key_lengths=np.array(ml))
+    assert np.isfinite(y).all()
+    assert max_err(valid_rows(y, tl_), valid_rows(ref, tl_)) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_decoder_layer_masks_match_torch(torch, kind):
+    E, H, F, B, L, S = 32, 4, 48, 2, 7, 9
+    td = randomize(torch, torch.nn.TransformerDecoderLayer(E, H, F, dropout=0.0,
+                                                           batch_first=True)).eval()
+    layer = fastattn.DecoderLayer.from_torch(td)
+    x, mem = randn(B, L, E, seed=4), randn(B, S, E, seed=5)
+    tgt_allow = np.tril(rng(6).random((L, L)) < 0.7)
+    np.fill_diagonal(tgt_allow, True)
+    mem_allow = rng(7).random((L, S)) < 0.6
+    mem_allow[:, 0] = True
+    if kind == "bool":
+        ours = (tgt_allow, mem_allow)
+        theirs = (torch.from_numpy(~tgt_allow), torch.from_numpy(~mem_allow))
+    else:
+        ours = tuple(np.where(a, rng(8).standard_normal(a.shape), -np.inf).astype(np.float32)
+                     for a in (tgt_allow, mem_allow))
+        theirs = tuple(torch.from_numpy(a) for a in ours)
+    with torch.enable_grad():
+        ref = td(torch.from_numpy(x), torch.from_numpy(mem), tgt_mask=theirs[0],
+                 memory_mask=theirs[1]).detach().numpy()
+    y = layer(x, mem, causal=False, mask=ours[0], memory_mask=ours[1])
+    assert max_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_stacks_with_final_norm_match_torch(torch, norm_first):
+    E, H, F, B, L, S = 32, 4, 64, 2, 6, 9
+    enc_t = randomize(torch, torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(E, H, F, dropout=0.0, norm_first=norm_first,
+                                         activation="gelu", batch_first=True),
+        3, norm=torch.nn.LayerNorm(E), enable_nested_tensor=False)).eval()
+    dec_t = randomize(torch, torch.nn.TransformerDecoder(
+        torch.nn.TransformerDecoderLayer(E, H, F, dropout=0.0, norm_first=norm_first,
+                                         batch_first=True),
+        2, norm=torch.nn.LayerNorm(E))).eval()
+    enc, dec = fastattn.Encoder.from_torch(enc_t), fastattn.Decoder.from_torch(dec_t)
+    assert len(enc.layers) == 3 and enc.norm is not None and len(dec.layers) == 2
+    src, tgt = randn(B, S, E, seed=1), randn(B, L, E, seed=2)
+    lengths = [9, 4]
+    with torch.enable_grad():
+        mem_t = enc_t(torch.from_numpy(src), src_key_padding_mask=pad_mask(torch, lengths, S))
+        ref = dec_t(torch.from_numpy(tgt), mem_t, tgt_mask=causal_torch(torch, L),
+                    memory_key_padding_mask=pad_mask(torch, lengths, S)).detach().numpy()
+    mem = enc(src, key_lengths=np.array(lengths))
+    assert max_err(valid_rows(mem, lengths), valid_rows(mem_t.detach().numpy(), lengths)) <= TOL
+    # the decoder reads only valid memory rows, so torch's memory (zeros at padding) is fine
+    y = dec(tgt, mem_t.detach().numpy(), memory_key_lengths=np.array(lengths))
+    assert max_err(y, ref) <= TOL
+    assert max_err(dec(tgt, mem, memory_key_lengths=np.array(lengths)), ref) <= TOL
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_matches_torch(torch, batch_first, norm_first):
+    E, H, F, B, L, S = 32, 4, 48, 2, 6, 8
+    tt = randomize(torch, torch.nn.Transformer(E, H, 2, 2, F, dropout=0.0, norm_first=norm_first,
+                                               batch_first=batch_first)).eval()
+    model = fastattn.Transformer.from_torch(tt)
+    src, tgt = randn(B, S, E, seed=3), randn(B, L, E, seed=4)
+    with torch.enable_grad():
+        ref = unbf(tt(bf(torch, src, batch_first), bf(torch, tgt, batch_first),
+                      tgt_mask=causal_torch(torch, L)), batch_first)
+    assert max_err(model(src, tgt), ref) <= TOL
+    # padded sources: src_key_lengths pads both the encoder and the cross-attention
+    sl = [8, 5]
+    with torch.enable_grad():
+        pm = pad_mask(torch, sl, S)
+        ref = unbf(tt(bf(torch, src, batch_first), bf(torch, tgt, batch_first),
+                      tgt_mask=causal_torch(torch, L), src_key_padding_mask=pm,
+                      memory_key_padding_mask=pm), batch_first)
+    assert max_err(model(src, tgt, src_key_lengths=np.array(sl)), ref) <= TOL
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_multihead_attention_matches_torch(torch, bias):
+    E, H, B, L, S = 32, 4, 2, 5, 7
+    m_t = randomize(torch, torch.nn.MultiheadAttention(E, H, bias=bias, batch_first=True)).eval()
+    m = fastattn.MultiHeadAttention.from_torch(m_t)
+    x, mem = randn(B, L, E, seed=1), randn(B, S, E, seed=2)
+    with torch.enable_grad():
+        xt, mt = torch.from_numpy(x), torch.from_numpy(mem)
+        ref_self, w_self = (t.detach().numpy() for t in m_t(xt, xt, xt))
+        ref_cross = m_t(xt, mt, mt, key_padding_mask=pad_mask(torch, [7, 3], S))[0].detach()
+    y, w = m(x, return_weights=True)
+    assert max_err(y, ref_self) <= TOL
+    assert w.shape == (B, H, L, L) and max_err(w.mean(1), w_self) <= TOL
+    assert max_err(m(x, mem, key_lengths=np.array([7, 3])), ref_cross) <= TOL
+    assert max_err(m(x[0]), ref_self[0]) <= TOL                          # unbatched
+
+
+def test_multihead_attention_kdim_vdim_matches_torch(torch):
+    E, H, B, L, S = 24, 3, 2, 4, 6
+    m_t = randomize(torch, torch.nn.MultiheadAttention(E, H, kdim=10, vdim=14,
+                                                       batch_first=True)).eval()
+    m = fastattn.MultiHeadAttention.from_torch(m_t)
+    assert {"q_proj_weight", "k_proj_weight", "v_proj_weight"} <= set(m.state_dict())
+    q, k, v = randn(B, L, E, seed=1), randn(B, S, 10, seed=2), randn(B, S, 14, seed=3)
+    with torch.enable_grad():
+        ref = m_t(*map(torch.from_numpy, (q, k, v)))[0].detach()
+    assert max_err(m(q, k, v), ref) <= TOL
+    with pytest.raises(ValueError, match="kdim"):
+        m(q)
+
+
+def test_float64_blocks_match_torch_closely(torch):
+    tl = randomize(torch, torch.nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.0, activation="gelu", batch_first=True).double()).eval()
+    layer = fastattn.EncoderLayer.from_torch(tl)
+    assert layer.dtype == np.float64
+    x = rng(1).standard_normal((2, 5, 16))
+    with torch.enable_grad():
+        ref = tl(torch.from_numpy(x)).detach().numpy()
+    y = layer(x)
+    assert y.dtype == np.float64 and max_err(y, ref) <= 1e-10
+
+
+# ---- GQA against fastattn.reference_attention ----------------------------------------------
+
+def _gqa_reference(m, x, mem=None, **kw):
+    """MultiHeadAttention written out with NumPy projections and reference_attention."""
+    sd = {k: v.astype(np.float64) for k, v in m.state_dict().items()}
+    E, H, Hkv, D = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
+    W, b = sd["in_proj_weight"], sd["in_proj_bias"]
+    kv_src = x if mem is None else mem
+    B, L, S = x.shape[0], x.shape[1], kv_src.shape[1]
+    q = (x @ W[:E].T + b[:E]).reshape(B, L, H, D).transpose(0, 2, 1, 3)
+    k = (kv_src @ W[E:E + Hkv * D].T + b[E:E + Hkv * D]).reshape(B, S, Hkv, D).transpose(0, 2, 1, 3)
+    v = (kv_src @ W[E + Hkv * D:].T + b[E + Hkv * D:]).reshape(B, S, Hkv, D).transpose(0, 2, 1, 3)
+    o = fastattn.reference_attention(q, k, v, **kw)                     # (B, H, L, D)
+    o = o.transpose(0, 2, 1, 3).reshape(B, L, E)
+    return o @ sd["out_proj.weight"].T + sd["out_proj.bias"]
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 6])
+def test_gqa_multihead_attention_matches_reference(num_kv_heads):
+    E, H, B, L, S = 48, 6, 3, 7, 9
+    m = fastattn.MultiHeadAttention(E, H, num_kv_heads=num_kv_heads, seed=0)
+    sd = m.state_dict()
+    assert sd["in_proj_weight"].shape == (E + 2 * num_kv_heads * E // H, E)
+    sd["in_proj_bias"] = rng(1).standard_normal(sd["in_proj_bias"].shape)
+    sd["out_proj.bias"] = rng(2).standard_normal(E)
+    m.load_state_dict(sd)
+    x, mem = randn(B, L, E, seed=3), randn(B, S, E, seed=4)
+    lengths = np.array([9, 4, 1])
+    assert max_err(m(x), _gqa_reference(m, x)) <= TOL
+    assert max_err(m(x, causal=True), _gqa_reference(m, x, causal=True)) <= TOL
+    assert max_err(m(x, mem, key_lengths=lengths),
+                   _gqa_reference(m, x, mem, key_lengths=lengths)) <= TOL
+
+
+# ---- incremental decoding -------------------------------------------------------------------
+
+def _decoder(norm_first, seed=0, E=32, H=4, F=64, n=2, activation="relu"):
+    layers = [fastattn.DecoderLayer(E, H, F, norm_first=norm_first, activation=activation,
+                                    seed=seed + i) for i in range(n)]
+    dec = fastattn.Decoder(layers, fastattn.LayerNorm(E))
+    sd = dec.state_dict()
+    r = rng(seed + 100)
+    for k in sd:          # non-trivial biases and norms
+        if k.endswith("bias") or "norm" in k:
+            sd[k] = sd[k] + 0.3 * r.standard_normal(sd[k].shape)
+    return dec.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("chunks", [[1] * 10, [3, 1, 4, 2]])
+def test_incremental_decoding_equals_full_causal_call(norm_first, chunks):
+    B, T, S, E = 3, 10, 7, 32
+    dec = _decoder(norm_first, activation="gelu")
+    x, mem = randn(B, T, E, seed=1), randn(B, S, E, seed=2)
+    ml = np.array([7, 2, 5])
+    full = dec(x, mem, memory_key_lengths=ml)
+    cache = dec.new_cache(mem, T + 2, memory_key_lengths=ml)
+    outs, pos = [], 0
+    for t in chunks:
+        outs.append(dec(x[:, pos:pos + t], cache=cache))
+        pos += t
+        assert cache.length == pos
+    assert max_err(np.concatenate(outs, axis=1), full) <= TOL
+
+
+def test_incremental_decoding_single_layer_and_unbatched():
+    E, T, S = 16, 6, 5
+    layer = fastattn.DecoderLayer(E, 2, 32, seed=3)
+    x, mem = randn(T, E, seed=4), randn(S, E, seed=5)
+    full = layer(x, mem)
+    cache = layer.new_cache(mem, T)
+    steps = [layer(x[i:i + 1], cache=cache) for i in range(T)]
+    assert steps[0].shape == (1, E)
+    assert max_err(np.concatenate(steps), full) <= TOL
+
+
+def test_transformer_decode_with_cache():
+    model = fastattn.Transformer(32, 4, 1, 2, 48, seed=0)
+    src, tgt = randn(2, 6, 32, seed=1), randn(2, 5, 32, seed=2)
+    sl = np.array([6, 3])
+    memory = model.encode(src, key_lengths=sl)
+    full = model.decode(tgt, memory, memory_key_lengths=sl)
+    assert max_err(model(src, tgt, src_key_lengths=sl), full) == 0
+    cache = model.new_cache(memory, 5, memory_key_lengths=sl)
+    steps = [model.decode(tgt[:, i:i + 1], memory, cache=cache) for i in range(5)]
+    assert max_err(np.concatenate(steps, 1), full) <= TOL
+
+
+def test_cache_limits_raise_and_leave_the_cache_usable():
+    B, E = 2, 32
+    dec = _decoder(False)
+    x, mem = randn(B, 4, E, seed=1), randn(B, 3, E, seed=2)
+    cache = dec.new_cache(mem, 3)
+    dec(x[:, :2], cache=cache)
+    with pytest.raises(ValueError, match="max_length"):
+        dec(x[:, 2:4], cache=cache)               # 2 + 2 > 3
+    assert cache.length == 2
+    last = dec(x[:, 2:3], cache=cache)            # the one position that fits
+    assert max_err(last, dec(x[:, :3], mem)[:, 2:3]) <= TOL
+    with pytest.raises(ValueError, match="max_length"):
+        dec(x[:, 3:4], cache=cache)
+    with pytest.raises(ValueError, match="at least one"):
+        dec(x[:, :0], cache=dec.new_cache(mem, 3))
+    with pytest.raises(ValueError, match="batch"):
+        dec(x[:1, :1], cache=dec.new_cache(mem, 3))
+    with pytest.raises(ValueError, match="key_lengths"):
+        dec(x[:, :1], cache=dec.new_cache(mem, 3), key_lengths=np.array([1, 1]))
+    with pytest.raises(ValueError, match="another shape"):
+        _decoder(False, n=3)(x[:, :1], cache=dec.new_cache(mem, 3))
+    with pytest.raises(ValueError, match="memory"):
+        dec(x)
+
+
+# ---- weights and pickling -------------------------------------------------------------------
+
+def test_state_dict_names_round_trip_and_errors(torch):
+    tt = torch.nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+    model = fastattn.Transformer(16, 2, 1, 1, 32, seed=5)
+    assert set(model.state_dict()) == set(tt.state_dict())
+    for k, v in model.state_dict().items():
+        assert v.shape == tuple(tt.state_dict()[k].shape), k
+    # bias=False drops the bias names as torch does
+    tl = torch.nn.TransformerEncoderLayer(16, 2, 32, bias=False)
+    assert set(fastattn.EncoderLayer(16, 2, 32, bias=False).state_dict()) == set(tl.state_dict())
+    other = fastattn.Transformer(16, 2, 1, 1, 32, seed=6)
+    other.load_state_dict(model.state_dict())
+    src, tgt = randn(1, 4, 16, seed=1), randn(1, 3, 16, seed=2)
+    np.testing.assert_array_equal(other(src, tgt), model(src, tgt))
+    sd = model.state_dict()
+    sd.pop("decoder.norm.weight")
+    with pytest.raises(ValueError, match="decoder.norm.weight"):
+        other.load_state_dict(sd)
+    sd = model.state_dict()
+    sd["encoder.layers.0.linear1.weight"] = np.zeros((3, 3))
+    with pytest.raises(ValueError, match="linear1.weight"):
+        other.load_state_dict(sd)
+    np.testing.assert_array_equal(other(src, tgt), model(src, tgt))   # nothing half-loaded
+
+
+def test_pickle_round_trip_gives_identical_outputs():
+    model = fastattn.Transformer(32, 4, 2, 2, 48, norm_first=True, activation="gelu", seed=1)
+    mha = fastattn.MultiHeadAttention(32, 8, num_kv_heads=2, seed=2)
+    src, tgt = randn(2, 5, 32, seed=3), randn(2, 4, 32, seed=4)
+    for obj, call in ((model, lambda m: m(src, tgt)), (mha, lambda m: m(src, causal=True))):
+        clone = pickle.loads(pickle.dumps(obj))
+        np.testing.assert_array_equal(call(clone), call(obj))
+    # a cache half way through decoding pickles too
+    memory = model.encode(src)
+    cache = model.new_cache(memory, 4)
+    model.decode(tgt[:, :2], cache=cache)
+    m2, c2 = pickle.loads(pickle.dumps((model, cache)))
+    np.testing.assert_array_equal(m2.decode(tgt[:, 2:], cache=c2),
+                                  model.decode(tgt[:, 2:], cache=cache))
+    # weights are stored once (the Q/K/V slices are views, not separate arrays)
+    assert len(pickle.dumps(mha)) < 1.1 * sum(v.nbytes for v in mha.state_dict().values()) + 4096
+
+
+def test_from_torch_rejects_what_it_cannot_represent(torch):
+    with pytest.raises(TypeError, match="TransformerEncoderLayer"):
+        fastattn.EncoderLayer.from_torch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        fastattn.MultiHeadAttention.from_torch(torch.nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    with pytest.raises(ValueError, match="activation"):
+        fastattn.EncoderLayer.from_torch(torch.nn.TransformerEncoderLayer(8, 2, 16,
+                                                                          activation=torch.tanh))
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, fastattn; fastattn.Transformer(16, 2, 1, 1, 32); " \
+           "sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---- layout: heads as views, output written through out= ------------------------------------
+
+def test_heads_are_strided_views_and_output_is_written_in_place(monkeypatch):
+    import fastattn._blocks as blocks
+    seen = []
+    real = blocks.attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q, k, v, kw["out"]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(blocks, "attention", spy)
+    layer = fastattn.EncoderLayer(32, 4, 64, seed=0)
+    layer(randn(2, 5, 32))
+    q, k, v, out = seen[0]
+    assert q.shape == (2, 4, 5, 8) and q.strides[-1] == 4 and not q.flags.c_contiguous
+    def root(a):
+        while a.base is not None:
+            a = a.base
+        return a
+
+    assert root(q) is root(k) is root(v)                                 # one fused QKV GEMM
+    assert root(q).shape == (2 * 5, 32 + 2 * 32)
+    assert out.shape == (2, 4, 5, 8) and out.strides[1] == 8 * 4 and out.strides[2] == 32 * 4
+    assert root(out).size == 2 * 5 * 32                                  # a (B, L, H, D) buffer
+
+
+# ---- the fused passes -----------------------------------------------------------------------
+
+def _act_ref(y, name):
+    from math import erf, sqrt
+    if name == "relu":
+        return np.maximum(y, 0)
+    if name == "gelu":
+        return 0.5 * y * (1 + np.vectorize(erf)(y / sqrt(2)))
+    if name == "gelu_tanh":
+        return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+    return y
+
+
+@pytest.mark.parametrize("activation", [None] + ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, m, k", [(1, 1, 1), (3, 17, 5), (8, 33, 13), (9, 40, 7),
+                                     (130, 70, 24), (40, 300, 16)])
+def test_linear_matches_float64_reference(activation, dtype, n, m, k):
+    r = rng(n * m + k)
+    x, w, b = (r.standard_normal(s).astype(dtype) for s in ((n, k), (m, k), (m,)))
+    ref = _act_ref(x.astype(np.float64) @ w.T.astype(np.float64) + b, activation)
+    tol = 1e-5 * np.sqrt(k) if dtype == np.float32 else 1e-12
+    results = []
+    for nt in (1, 2):
+        out = np.empty((n, m), dtype)
+        _fused.linear(x, w, b, out, activation, False, nt)
+        assert max_err(out, ref) <= tol
+        results.append(out)
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=tol)
+    # accumulate: out += x wᵀ + b
+    acc = r.standard_normal((n, m)).astype(dtype)
+    ref2 = acc.astype(np.float64) + x.astype(np.float64) @ w.T.astype(np.float64) + b
+    if activation is None:
+        _fused.linear(x, w, b, acc, None, True, 2)
+        assert max_err(acc, ref2) <= tol
+
+
+def test_linear_strided_rows_and_public_wrapper():
+    r = rng(5)
+    x = r.standard_normal((6, 40)).astype(np.float32)[:, 3:35]         # row stride 40
+    w = r.standard_normal((20, 32)).astype(np.float32)
+    big = np.zeros((6, 50), np.float32)
+    _fused.linear(x, w, None, big[:, 10:30], None, False, 2)
+    assert max_err(big[:, 10:30], x @ w.T) <= 1e-4
+    assert not big[:, :10].any() and not big[:, 30:].any()
+    y = fastattn.linear(np.stack([x, x]), w, np.ones(20), activation="relu")
+    assert y.shape == (2, 6, 20) and max_err(y[1], np.maximum(x @ w.T + 1, 0)) <= 1e-4
+    with pytest.raises(ValueError):
+        _fused.linear(x, w[:, :5], None, np.empty((6, 20), np.float32), None, False, 1)
+    with pytest.raises(TypeError):
+        _fused.linear(x, w.astype(np.float64), None, np.empty((6, 20), np.float32), None, False, 1)
+    with pytest.raises(ValueError, match="overlap"):
+        a = np.zeros((4, 4), np.float32)
+        _fused.linear(a, np.eye(4, dtype=np.float32), None, a, None, False, 1)
+
+
+def test_activations_accuracy_and_special_values():
+    x = np.concatenate([np.linspace(-12, 12, 100001), [0.0, -0.0, 1e30, -1e30]]).astype(np.float32)
+    for name in ACTIVATIONS:
+        for simd in (True, False):                        # the AVX2 pass and the scalar one
+            _fused.simd_init(simd)
+            try:
+                y = x[None].copy()
+                _fused.bias_act(y, None, name)
+            finally:
+                _fused.simd_init(True)
+            ref = _act_ref(x.astype(np.float64), name)
+            assert np.all(np.abs(y[0] - ref) <= 1e-6 * np.maximum(1, np.abs(ref))), (name, simd)
+    y = np.array([[np.nan, np.inf, -np.inf, np.nan, 3.0]], np.float32)
+    for name in ACTIVATIONS:
+        z = y.copy()
+        _fused.bias_act(z, None, name)
+        assert np.isnan(z[0, 0]) and np.isnan(z[0, 3]) and z[0, 1] == np.inf
+    z = np.array([[-1e30, -50.0]], np.float32)
+    _fused.bias_act(z, None, "gelu")
+    assert np.all(z == 0)
+
+
+def test_add_layernorm_matches_reference_and_works_in_place():
+    r = rng(9)
+    for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        x, y = (r.standard_normal((37, 29)).astype(dtype) + 5 for _ in range(2))
+        g, b = r.standard_normal(29).astype(dtype), r.standard_normal(29).astype(dtype)
+        h = x.astype(np.float64) + y
+        ref = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5) * g + b
+        s, o = np.empty_like(x), np.empty_like(x)
+        _fused.add_layernorm(x, y, g, b, 1e-5, s, o, 2)
+        assert max_err(o, ref) <= tol and max_err(s, h) <= tol
+        x2 = x.copy()
+        _fused.add_layernorm(x2, y, g, b, 1e-5, None, x2, 1)             # in place
+        assert max_err(x2, ref) <= tol
+        ln = fastattn.LayerNorm(29, dtype=dtype)
+        ln.load_state_dict({"weight": g, "bias": b})
+        assert max_err(ln(h.astype(dtype)), ref) <= tol
+    with pytest.raises(ValueError, match="overlap"):
+        a = np.zeros((4, 8), np.float32)
+        _fused.add_layernorm(a[:, :4], None, np.ones(4, np.float32), np.zeros(4, np.float32),
+                             1e-5, None, a[:, 2:6], 1)
+
+
+# ---- input checks ---------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    layer = fastattn.EncoderLayer(16, 2, 32, seed=0)
+    with pytest.raises(ValueError, match="16"):
+        layer(np.zeros((2, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        layer(np.zeros((2, 3, 4, 16), np.float32))
+    with pytest.raises(TypeError, match="float"):
+        layer(np.zeros((2, 3, 16), np.int64))
+    with pytest.raises(ValueError, match="mask"):
+        layer(np.zeros((2, 3, 16), np.float32), mask=np.ones((4, 4), bool))
+    with pytest.raises(ValueError, match="divisible"):
+        fastattn.MultiHeadAttention(10, 3)
+    with pytest.raises(ValueError, match="multiple"):
+        fastattn.MultiHeadAttention(12, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="activation"):
+        fastattn.EncoderLayer(16, 2, activation="swish")
+    with pytest.raises(TypeError, match="dtype"):
+        fastattn.EncoderLayer(16, 2, dtype=np.float16)
+    x = randn(2, 0, 16)
+    assert layer(x).shape == (2, 0, 16)
+
+
+# ---- the example ----------------------------------------------------------------------------
+
+def test_greedy_decode_example_runs():
+    path = os.path.join(ROOT, "examples", "greedy_decode.py")
+    r = subprocess.run([sys.executable, path, "--check"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cached and uncached decoding agree" in r.stdout
