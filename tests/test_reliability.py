@@ -1,0 +1,436 @@
+"""Reliability checks of shared/reliability.md: validation errors, 32-bit limits, non-finite
+values, leaks, and the softmax row passes (SIMD against the plain C path).
+
+Each test names the property it checks.
+"""
+import gc
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import _kernel
+from conftest import U32, U64, assert_matches_reference, rand
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def _qkv(rng, b=2, h=2, lq=9, lk=13, d=8, dv=6, dtype=np.float32):
+    return rand(rng, (b, h, lq, d), dtype), rand(rng, (b, h, lk, d), dtype), \
+        rand(rng, (b, h, lk, dv), dtype)
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+def _f(*shape):
+    return np.zeros(shape, np.float32)
+
+
+Q, K, V = _f(2, 4, 5, 8), _f(2, 2, 7, 8), _f(2, 2, 7, 3)
+BAD_CALLS = [
+    # (description, args, kwargs, error, regex naming the argument and the shapes)
+    ("query 1-D", (_f(8), K, V), {}, ValueError, r"query.*\(8,\)"),
+    ("key 1-D", (Q, _f(8), V), {}, ValueError, r"key.*\(8,\)"),
+    ("value 0-D", (Q, K, np.float32(1)), {}, ValueError, r"value.*\(\)"),
+    ("D mismatch", (Q, _f(2, 2, 7, 9), V), {}, ValueError, r"query.*key.*\(2, 4, 5, 8\).*\(2, 2, 7, 9\)"),
+    ("Lk mismatch", (Q, K, _f(2, 2, 6, 3)), {}, ValueError, r"key.*value.*\(2, 2, 7, 8\).*\(2, 2, 6, 3\)"),
+    ("Hkv mismatch", (Q, K, _f(2, 1, 7, 3)), {}, ValueError, r"key.*value"),
+    ("heads do not divide", (_f(2, 3, 5, 8), K, V), {}, ValueError, r"heads.*3.*2"),
+    ("no kv heads", (Q, _f(2, 0, 7, 8), _f(2, 0, 7, 3)), {}, ValueError, r"heads"),
+    ("batch does not broadcast", (_f(3, 4, 5, 8), K, V), {}, ValueError,
+     r"batch.*\(3, 4, 5, 8\).*\(2, 2, 7, 8\)"),
+    ("mask shape", (Q, K, V), dict(mask=np.ones((5, 6), bool)), ValueError, r"mask.*\(5, 6\)"),
+    ("mask batch", (Q, K, V), dict(mask=np.ones((3, 1, 5, 7), bool)), ValueError, r"mask.*\(3, 1, 5, 7\)"),
+    ("mask int dtype", (Q, K, V), dict(mask=np.ones((5, 7), np.int32)), TypeError, r"mask.*int32"),
+    ("mask complex", (Q, K, V), dict(mask=np.ones((5, 7), complex)), TypeError, r"mask"),
+    ("key_lengths shape", (Q, K, V), dict(key_lengths=np.array([1, 2, 3])), ValueError,
+     r"key_lengths.*\(3,\)"),
+    ("key_lengths negative", (Q, K, V), dict(key_lengths=np.array([-1, 2])), ValueError,
+     r"key_lengths.*-1"),
+    ("key_lengths > Lk", (Q, K, V), dict(key_lengths=8), ValueError, r"key_lengths.*7"),
+    ("key_lengths float", (Q, K, V), dict(key_lengths=np.array([1.0, 2.0])), TypeError,
+     r"key_lengths"),
+    ("query_offset shape", (Q, K, V), dict(query_offset=np.zeros(3, int)), ValueError,
+     r"query_offset.*\(3,\)"),
+    ("query_offset float", (Q, K, V), dict(query_offset=1.5), TypeError, r"query_offset"),
+    ("window not a pair", (Q, K, V), dict(window=3), ValueError, r"window"),
+    ("window triple", (Q, K, V), dict(window=(1, 2, 3)), ValueError, r"window"),
+    ("window float", (Q, K, V), dict(window=(1.5, 2)), TypeError, r"window"),
+    ("scale nan", (Q, K, V), dict(scale=float("nan")), ValueError, r"scale"),
+    ("scale inf", (Q, K, V), dict(scale=float("inf")), ValueError, r"scale"),
+    ("scale str", (Q, K, V), dict(scale="1"), TypeError, r"scale"),
+    ("softcap 0", (Q, K, V), dict(softcap=0.0), ValueError, r"softcap"),
+    ("softcap negative", (Q, K, V), dict(softcap=-1.0), ValueError, r"softcap"),
+    ("softcap nan", (Q, K, V), dict(softcap=float("nan")), ValueError, r"softcap"),
+    ("num_threads 0", (Q, K, V), dict(num_threads=0), ValueError, r"num_threads"),
+    ("num_threads -1", (Q, K, V), dict(num_threads=-1), ValueError, r"num_threads"),
+    ("num_threads float", (Q, K, V), dict(num_threads=2.0), TypeError, r"num_threads"),
+    ("causal not bool", (Q, K, V), dict(causal="yes"), TypeError, r"causal"),
+    ("return_weights not bool", (Q, K, V), dict(return_weights=1), TypeError, r"return_weights"),
+    ("out wrong shape", (Q, K, V), dict(out=_f(2, 4, 5, 4)), ValueError, r"out.*\(2, 4, 5, 4\)"),
+    ("out wrong dtype", (Q, K, V), dict(out=np.zeros((2, 4, 5, 3), np.int32)), ValueError,
+     r"out.*int32"),
+    ("out not an array", (Q, K, V), dict(out=[0.0]), TypeError, r"out"),
+    ("query int", (Q.astype(int), K, V), {}, TypeError, r"query.*int"),
+    ("key bool", (Q, K.astype(bool), V), {}, TypeError, r"key.*bool"),
+    ("value complex", (Q, K, V.astype(complex)), {}, TypeError, r"value.*complex"),
+    ("query object", (Q.astype(object), K, V), {}, TypeError, r"query.*object"),
+    ("ragged list", ([[1.0], [1.0, 2.0]], K, V), {}, TypeError, r"query"),
+]
+
+
+@pytest.mark.parametrize("desc,args,kw,err,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_validation_error_names_argument(desc, args, kw, err, match, dtype):
+    """validation: each bad input of api.md raises ValueError/TypeError naming the argument
+    (and the shapes), for every float dtype, before any work (a valid out= stays untouched)."""
+    args = tuple(a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype == np.float32 else a
+                 for a in args)
+    if "out" in kw and isinstance(kw["out"], np.ndarray) and kw["out"].dtype == np.float32:
+        kw = dict(kw, out=kw["out"].astype(dtype))
+    with pytest.raises(err, match=match):
+        fastattn.attention(*args, **kw)
+
+
+def test_validation_read_only_out():
+    """validation: a read-only out raises ValueError naming out."""
+    out = np.zeros((2, 4, 5, 3), np.float32)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="out.*read-only"):
+        fastattn.attention(Q, K, V, out=out)
+
+
+@pytest.mark.parametrize("kw", [dict(num_threads=0), dict(softcap=-1.0), dict(scale=np.nan),
+                                dict(key_lengths=99), dict(mask=np.ones((5, 6), bool))])
+def test_validation_before_any_work(kw, rng):
+    """validation: errors are raised before any work: a poisoned out= is left untouched."""
+    q, k, v = rand(rng, Q.shape), rand(rng, K.shape), rand(rng, V.shape)
+    out = np.full((2, 4, 5, 3), 123.0, np.float32)
+    with pytest.raises(ValueError):
+        fastattn.attention(q, k, v, out=out, **kw)
+    assert (out == 123.0).all()
+
+
+UOFF_BUG = "np.minimum(qo, 1 << 40) on an unsigned query_offset array narrower than 64 " \
+    "bits raises OverflowError (NumPy 2 scalar rules)"
+
+
+@pytest.mark.parametrize("dt", [np.int8, pytest.param(np.uint8, marks=pytest.mark.xfail(
+    strict=True, reason=UOFF_BUG)), np.int16, pytest.param(np.uint16, marks=pytest.mark.xfail(
+        strict=True, reason=UOFF_BUG)), np.int32, pytest.param(np.uint32, marks=pytest.mark.xfail(
+            strict=True, reason=UOFF_BUG)), np.int64, np.uint64])
+def test_integer_option_dtypes(dt, rng):
+    """validation: key_lengths / query_offset accept every integer dtype (no OverflowError)."""
+    q, k, v = _qkv(rng)
+    kl, qo = np.array([5, 13], dt), np.array([2, 7], dt)
+    out = fastattn.attention(q, k, v, causal=True, key_lengths=kl, query_offset=qo)
+    assert_matches_reference(q, k, v, out=out, causal=True, key_lengths=kl.astype(np.int64),
+                             query_offset=qo.astype(np.int64))
+
+
+def test_huge_offsets_and_windows_are_clipped(rng):
+    """validation: offsets and window bounds far beyond 64-bit-safe ranges behave as +-inf."""
+    q, k, v = _qkv(rng)
+    full = fastattn.attention(q, k, v)
+    assert np.array_equal(fastattn.attention(q, k, v, causal=True, query_offset=2 ** 62), full)
+    assert np.array_equal(fastattn.attention(q, k, v, window=(2 ** 70, 2 ** 70)), full)
+    empty = fastattn.attention(q, k, v, causal=True, query_offset=-2 ** 62)
+    assert not empty.any()
+    assert not fastattn.attention(q, k, v, window=(-2 ** 70, None)).any()
+
+
+@pytest.mark.xfail(strict=True, reason="reference_attention does not drop the head axis it "
+                   "adds to 2-D inputs")
+def test_reference_2d_inputs_keep_2d_shape(rng):
+    """validation (oracle): reference_attention on 2-D inputs returns (Lq, Dv) like attention."""
+    q = rand(rng, (3, 4))
+    assert fastattn.reference_attention(q, q, q).shape == fastattn.attention(q, q, q).shape
+
+
+# ---- 32-bit limits ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["Lq", "Lk", "D", "Dv", "Hq"])
+def test_sizes_above_int32_refused(case):
+    """32-bit limits: a size above 2**31 - 1 (made with stride-0 views, no memory) raises
+    ValueError naming the limit, or works; it never gives a wrong result or crashes."""
+    big = INT32_MAX + 1
+    z = np.zeros(1, np.float32)
+    shapes = dict(q=(1, 1, 2, 4), k=(1, 1, 3, 4), v=(1, 1, 3, 2))
+    if case == "Lq":
+        shapes["q"] = (1, 1, big, 4)
+    elif case == "Lk":
+        shapes["k"], shapes["v"] = (1, 1, big, 4), (1, 1, big, 2)
+    elif case == "D":
+        shapes["q"], shapes["k"] = (1, 1, 2, big), (1, 1, 3, big)
+    elif case == "Dv":
+        shapes["v"] = (1, 1, 3, big)
+    else:
+        shapes["q"], shapes["k"], shapes["v"] = (1, big, 2, 4), (1, 1, 3, 4), (1, 1, 3, 2)
+    q, k, v = (np.broadcast_to(z, shapes[n]) for n in "qkv")
+    with pytest.raises(ValueError, match=r"2\*\*31|2147483647|32-bit"):
+        fastattn.attention(q, k, v)
+
+
+def test_batch_count_above_int32_with_empty_rows():
+    """32-bit limits: 2**31 broadcast batch items with Lq = 0 give an empty result, no work."""
+    z = np.zeros(1, np.float32)
+    q = np.broadcast_to(z, (2 ** 31, 1, 0, 4))
+    k = np.broadcast_to(z, (1, 1, 3, 4))
+    out = fastattn.attention(q, k, k)
+    assert out.shape == (2 ** 31, 1, 0, 4)
+
+
+def test_leading_dimension_above_int32_is_handled(rng):
+    """32-bit limits: key/value rows 2**31 elements apart (a leading dimension BLAS cannot
+    take) are handled correctly (copied or chunked) or refused naming the limit."""
+    lk, d = 3, 4
+    n = (lk - 1) * (INT32_MAX + 5) + d
+    try:
+        buf = np.zeros(n, np.float32)              # lazily mapped: only touched pages count
+    except MemoryError:
+        pytest.skip("cannot map a 8 GB buffer here")
+    ld = INT32_MAX + 5
+    keys = rand(rng, (lk, d))
+    for j in range(lk):
+        buf[j * ld:j * ld + d] = keys[j]
+    k = np.lib.stride_tricks.as_strided(buf, (1, 1, lk, d), (0, 0, ld * 4, 4))
+    q = rand(rng, (1, 1, 2, d))
+    try:
+        out = fastattn.attention(q, k, k)
+    except ValueError as e:
+        assert "2**31" in str(e) or "32-bit" in str(e)
+        return
+    np.testing.assert_array_equal(out, fastattn.attention(q, keys[None, None], keys[None, None]))
+    del k, buf
+
+
+# ---- non-finite ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_query_row_affects_only_that_row(bad, dtype, rng):
+    """non-finite: NaN/inf in query row i changes only output row i (others bitwise equal)."""
+    q, k, v = _qkv(rng, lq=40, lk=700, dtype=dtype)
+    clean = fastattn.attention(q, k, v, causal=True)
+    qb = q.copy()
+    qb[1, 0, 17, 3] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fastattn.attention(qb, k, v, causal=True)
+    others = np.ones(out.shape[:-1], bool)
+    others[1, 0, 17] = False
+    assert np.array_equal(out[others], clean[others])
+    if bad is np.nan:
+        assert np.isnan(out[1, 0, 17]).all()
+
+
+@pytest.mark.parametrize("where", ["mask", "key_lengths", "causal", "window", "float_mask"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_hidden_keys_never_leak(where, bad, dtype, rng):
+    """non-finite: NaN/inf in K or V at keys that are hidden (mask, key_lengths, causal future,
+    window) never reaches the result; it equals the clean result within the bound."""
+    lq, lk = 5, 1100
+    q, k, v = _qkv(rng, lq=lq, lk=lk, dtype=dtype)
+    hidden = np.zeros((2, 2, lq, lk), bool)
+    kw = {}
+    if where == "mask":
+        hidden[..., 600:620] = True
+        kw["mask"] = ~hidden[0, 0, 0]
+    elif where == "float_mask":
+        hidden[..., 3] = hidden[..., 1050:] = True
+        kw["mask"] = np.where(hidden[0, 0, 0], -np.inf, 0.5).astype(dtype)
+    elif where == "key_lengths":
+        kw["key_lengths"] = np.array([700, lk])
+        hidden[0, ..., 700:] = True
+    elif where == "causal":
+        kw["causal"], kw["query_offset"] = True, 500
+        hidden[..., lq - 1 + 500 + 1:] = True
+    else:
+        kw["window"] = (10, 10)
+        hidden[...] = True
+        hidden[..., lk - lq - 10:] = False
+    keys_hidden = hidden.all(axis=(1, 2))            # (B, Lk) hidden from every row and head
+    kb, vb = k.copy(), v.copy()
+    b_idx, j_idx = np.nonzero(keys_hidden)
+    sel = rng.choice(len(j_idx), size=min(40, len(j_idx)), replace=False)
+    kb[b_idx[sel], :, j_idx[sel], 1] = bad
+    vb[b_idx[sel[::2]], :, j_idx[sel[::2]], :] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fastattn.attention(q, kb, vb, **kw)
+        out2 = fastattn.attention(q, kb, vb, num_threads=2, **kw)
+    assert np.isfinite(out).all() and np.array_equal(out, out2)
+    assert_matches_reference(q, k, v, out=out, **kw)
+
+
+def test_nonfinite_visible_key_poisons_only_its_rows(rng):
+    """non-finite: a NaN value row at a key visible to some rows only affects those rows."""
+    q, k, v = _qkv(rng, b=1, h=1, lq=6, lk=6, dtype=np.float64)
+    vb = v.copy()
+    vb[0, 0, 3, :] = np.nan                      # visible to rows 3.. under causal
+    out = fastattn.attention(q, k, vb, causal=True)
+    clean = fastattn.attention(q, k, v, causal=True)
+    np.testing.assert_allclose(out[0, 0, :3], clean[0, 0, :3], rtol=0, atol=1e-14)
+    assert np.isnan(out[0, 0, 3:]).all()
+
+
+# ---- softmax / exp internals --------------------------------------------------------------
+
+@pytest.fixture
+def scalar_and_simd():
+    """Yields a function that switches the row passes; always restores the SIMD path."""
+    names = []
+
+    def use(simd):
+        names.append(_kernel.simd_init(simd))
+        return names[-1]
+    try:
+        yield use
+    finally:
+        _kernel.simd_init(True)
+
+
+def _rows(dtype, rng):
+    xs = []
+    for n in list(range(0, 40)) + [255, 256, 1000]:
+        x = rng.uniform(-50, 5, n).astype(dtype)
+        xs.append(x)
+    special = np.array([-np.inf, 0.0, -1e4, -87.0, -88.5, -700.0, -746.0, 1.0, -np.inf, -0.5,
+                        -103.0, -1e30], dtype)
+    xs.append(special)
+    xs.append(np.full(9, -np.inf, dtype))
+    return xs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.xfail(
+    strict=True, reason="float64 AVX2 exp (_simd.h fa_exp4) is off by up to ~78 ulp: its "
+    "degree-11 Taylor polynomial truncates at ~6e-15 on |r| <= ln2/2"))])
+def test_row_passes_simd_equal_scalar(dtype, scalar_and_simd, rng):
+    """softmax internals: SIMD and plain-C row max / exp-sum agree (exp within a few ulps of
+    the float64 exp), exp(-inf) is exactly 0 and large negatives underflow to exactly 0."""
+    assert scalar_and_simd(False) == "scalar"
+    simd = scalar_and_simd(True)
+    if simd == "scalar":
+        pytest.skip("no SIMD path on this machine")
+    u = U32 if dtype == np.float32 else U64
+    for x in _rows(dtype, rng):
+        res = {}
+        for mode in (False, True):
+            scalar_and_simd(mode)
+            y = x.copy()
+            mx = _kernel.py_row_max(y)
+            s = _kernel.py_row_expsum(y, dtype(0))
+            res[mode] = (mx, s, y)
+        (m0, s0, y0), (m1, s1, y1) = res[False], res[True]
+        assert m0 == m1 == (x.max() if x.size else -np.inf)
+        exact = np.exp(x.astype(np.float64))
+        tiny = exact < np.finfo(dtype).tiny * 2 ** 10          # near/below underflow
+        # exp(-inf) and anything far below the underflow threshold are exactly 0 on both
+        # paths; in the subnormal range a path may flush to 0 (both stay below tiny)
+        zero = np.isneginf(x) | (exact < np.finfo(dtype).smallest_subnormal / 2)
+        assert (y0[zero] == 0).all() and (y1[zero] == 0).all()
+        assert (y0[tiny] <= 2 * np.finfo(dtype).tiny * 2 ** 10).all()
+        assert (y1[tiny] <= 2 * np.finfo(dtype).tiny * 2 ** 10).all()
+        rel = np.abs(y1 - exact)[~tiny] / exact[~tiny]
+        assert rel.size == 0 or rel.max() <= 4 * u, f"exp error {rel.max() / u:.1f} ulp"
+        assert abs(s1 - s0) <= 4 * u * max(abs(s0), 1e-300) * max(1, x.size), (s0, s1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_passes_nan_propagates(dtype, scalar_and_simd):
+    """softmax internals: a NaN in a row makes its exp and the sum NaN, on both paths."""
+    for mode in (False, True):
+        scalar_and_simd(mode)
+        for n in (1, 5, 8, 17):
+            for pos in sorted({0, n // 2, n - 1}):
+                x = np.linspace(-3, 0, n).astype(dtype)
+                x[pos] = np.nan
+                y = x.copy()
+                s = _kernel.py_row_expsum(y, dtype(0))
+                assert np.isnan(s) and np.isnan(y[pos])
+                assert np.isfinite(np.delete(y, pos)).all()
+        x = np.array([np.nan], dtype)
+        y = x.copy()
+        assert np.isnan(_kernel.py_row_expsum(y, dtype(np.nan)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_same_on_scalar_path(dtype, scalar_and_simd, rng):
+    """softmax internals: attention on the plain-C path is within the bound too, with the same
+    empty rows and NaN pattern as the SIMD path."""
+    q, k, v = _qkv(rng, lq=40, lk=1030, dtype=dtype)
+    mask = rng.random((40, 1030)) < 0.5
+    mask[7] = False
+    kw = dict(mask=mask, causal=True, softcap=5.0)
+    res = {}
+    for mode in (True, False):
+        scalar_and_simd(mode)
+        res[mode] = fastattn.attention(q, k, v, **kw)
+        assert_matches_reference(q, k, v, out=res[mode], **kw)
+    assert np.array_equal(res[True] == 0, res[False] == 0)
+
+
+# ---- leaks ---------------------------------------------------------------------------------
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+def test_no_leak_over_1e5_calls(rng):
+    """leaks: 10^5 calls (every tenth one raising, some with weights, out=, masks) grow RSS
+    by less than 5 MB."""
+    q, k, v = _qkv(rng, b=1, h=2, lq=4, lk=16, d=8, dv=8)
+    mask = rng.random((4, 16)) < 0.7
+    out = np.empty((1, 2, 4, 8), np.float32)
+    bad = np.ones((1, 3, 4, 8), np.float32)
+
+    def batch(n):
+        for i in range(n):
+            r = i % 10
+            if r == 0:
+                try:
+                    fastattn.attention(bad, k, v)
+                except ValueError:
+                    pass
+            elif r == 1:
+                try:
+                    fastattn.attention(q, k, v, key_lengths=-1)
+                except ValueError:
+                    pass
+            elif r == 2:
+                fastattn.attention(q, k, v, mask=mask, return_weights=True)
+            elif r == 3:
+                fastattn.attention(q, k, v, out=out, causal=True)
+            elif r == 4:
+                fastattn.attention(q.astype(np.float16), k, v, window=(2, 2))
+            else:
+                fastattn.attention(q, k, v, key_lengths=np.array([9]), num_threads=1 + i % 2)
+
+    batch(5000)                                   # warm up caches and allocator pools
+    gc.collect()
+    before = _rss_bytes()
+    batch(100_000)
+    gc.collect()
+    growth = _rss_bytes() - before
+    print(f"\nleaks: RSS growth over 10^5 calls = {growth / 2 ** 20:.2f} MB")
+    assert growth < 5 * 2 ** 20
+
+
+def test_no_leak_quick(rng):
+    """leaks (quick): 10^4 calls including raising ones grow RSS by less than 2 MB."""
+    q, k, v = _qkv(rng, b=1, h=1, lq=3, lk=8)
+    for _ in range(1000):
+        fastattn.attention(q, k, v)
+    before = _rss_bytes()
+    for i in range(10_000):
+        if i % 5 == 0:
+            with pytest.raises(ValueError):
+                fastattn.attention(q, k, v, softcap=0.0)
+        else:
+            fastattn.attention(q, k, v, return_weights=bool(i % 2))
+    assert _rss_bytes() - before < 2 * 2 ** 20

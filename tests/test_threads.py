@@ -1,0 +1,148 @@
+"""Threads (shared/reliability.md): 1 vs 2 kernel threads bitwise equal, and many Python
+threads calling at once get exactly what a lone single-threaded caller gets.
+"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fastattn
+from conftest import rand
+
+THREAD_CASES = [
+    # (name, q shape, k shape, v shape, options)
+    ("decode_mha", (1, 32, 1, 4096, 128), (1, 32, 1, 4096, 128), (1, 32, 1, 4096, 128), {}),
+    ("decode_gqa_split", (1, 32, 1, 4096), (1, 4, 1, 4096), None, {}),
+    ("decode_mqa_split_causal", (1, 8, 1, 8192), (1, 1, 1, 8192), None,
+     dict(key_lengths=np.array([5000]), causal=True)),
+    ("decode_batch_lengths", (3, 8, 1, 3000), (3, 2, 1, 3000), None,
+     dict(key_lengths=np.array([3000, 1, 2047]))),
+    ("prefill_causal", (2, 4, 700, 700), (2, 4, 700, 700), None, dict(causal=True)),
+    ("prefill_gqa_window_mask", (1, 6, 600, 1100), (1, 2, 600, 1100), None,
+     dict(window=(300, 10), mask="bool")),
+    ("small_serial", (1, 2, 5, 9), (1, 2, 5, 9), None, {}),
+    ("weights", (2, 2, 300, 520), (2, 1, 300, 520), None, dict(return_weights=True)),
+]
+
+
+def _make(case, rng, dtype=np.float32):
+    name, qs, ks, vs, kw = case
+    if len(qs) == 5:               # (B, H, Lq, Lk, D) spelled out
+        b, h, lq, lk, d = qs
+        q, k, v = rand(rng, (b, h, lq, d), dtype), rand(rng, (b, h, lk, d), dtype), \
+            rand(rng, (b, h, lk, d), dtype)
+    else:
+        b, hq, lq, lk = qs
+        hkv = ks[1]
+        q = rand(rng, (b, hq, lq, 64), dtype)
+        k = rand(rng, (b, hkv, lk, 64), dtype)
+        v = rand(rng, (b, hkv, lk, 48), dtype)
+    kw = dict(kw)
+    if kw.get("mask") == "bool":
+        kw["mask"] = rng.random((q.shape[-2], k.shape[-2])) < 0.8
+    return q, k, v, kw
+
+
+def _same(a, b):
+    if isinstance(a, tuple):
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
+    return np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", THREAD_CASES, ids=[c[0] for c in THREAD_CASES])
+def test_one_vs_two_kernel_threads_bitwise(case, dtype, rng):
+    """threads: num_threads=1 and 2 give bitwise equal results (decode shapes where the kernel
+    splits the KV axis, GQA, prefill, weights)."""
+    q, k, v, kw = _make(case, rng, dtype)
+    one = fastattn.attention(q, k, v, num_threads=1, **kw)
+    two = fastattn.attention(q, k, v, num_threads=2, **kw)
+    assert _same(one, two)
+    assert _same(one, fastattn.attention(q, k, v, num_threads=1, **kw))   # deterministic
+
+
+def test_default_threads_follow_set_num_threads(rng):
+    """threads: num_threads=None uses set_num_threads' value (and the result does not change)."""
+    q, k, v, kw = _make(THREAD_CASES[1], rng)
+    ref = fastattn.attention(q, k, v, num_threads=1)
+    prev = fastattn.set_num_threads(1)
+    try:
+        assert fastattn.get_num_threads() == 1
+        assert np.array_equal(fastattn.attention(q, k, v), ref)
+        fastattn.set_num_threads(2)
+        assert np.array_equal(fastattn.attention(q, k, v), ref)
+        with pytest.raises(ValueError, match="num_threads"):
+            fastattn.set_num_threads(0)
+        assert fastattn.get_num_threads() == 2
+    finally:
+        fastattn.set_num_threads(prev)
+
+
+def _hammer(n_threads, calls_per_thread, rng):
+    """n_threads Python threads each make calls_per_thread calls over a mix of problems
+    (kernel threads 1 or 2, some raising); returns (calls, mismatches, unexpected errors)."""
+    cases = [_make(c, rng) for c in THREAD_CASES if c[0] not in ("decode_mha", "prefill_causal")]
+    cases.append((rand(rng, (2, 4, 30, 16)), rand(rng, (2, 2, 90, 16)), rand(rng, (2, 2, 90, 8)),
+                  dict(causal=True, softcap=3.0)))
+    expected = [fastattn.attention(q, k, v, num_threads=1, **kw) for q, k, v, kw in cases]
+    lock = threading.Lock()
+    stats = dict(calls=0, mismatches=0, errors=0)
+    start = threading.Barrier(n_threads)
+
+    def worker(t):
+        start.wait()
+        calls = bad = err = 0
+        for i in range(calls_per_thread):
+            j = (t * 7 + i) % (len(cases) + 1)
+            if j == len(cases):               # a call that raises, interleaved
+                try:
+                    fastattn.attention(cases[0][0], cases[0][1], cases[0][2], softcap=-1.0)
+                    err += 1
+                except ValueError:
+                    pass
+                continue
+            q, k, v, kw = cases[j]
+            out = None
+            if i % 3 == 0 and not kw.get("return_weights"):
+                out = np.empty_like(expected[j])
+            got = fastattn.attention(q, k, v, num_threads=1 + (t + i) % 2, out=out, **kw)
+            calls += 1
+            if not _same(got, expected[j]):
+                bad += 1
+        with lock:
+            stats["calls"] += calls
+            stats["mismatches"] += bad
+            stats["errors"] += err
+
+    with ThreadPoolExecutor(n_threads) as ex:
+        list(ex.map(worker, range(n_threads)))
+    return stats
+
+
+def test_python_threads_concurrent_bitwise_quick(rng):
+    """threads: 8 Python threads x 25 calls at once equal the single-threaded results."""
+    s = _hammer(8, 25, rng)
+    assert s["mismatches"] == 0 and s["errors"] == 0, s
+
+
+@pytest.mark.slow
+def test_python_threads_concurrent_bitwise_many(rng):
+    """threads: 8 Python threads x 400 calls at once (kernel threads 1 and 2, out=, calls
+    that raise) equal the single-threaded results bitwise."""
+    s = _hammer(8, 400, rng)
+    print(f"\nthreads: 8 threads x 400 calls = {s['calls']} checked calls, "
+          f"{s['mismatches']} mismatches")
+    assert s["mismatches"] == 0 and s["errors"] == 0, s
+
+
+def test_blas_thread_count_restored_after_concurrent_calls(rng):
+    """threads: the BLAS libraries' thread counts are the same after concurrent calls as before
+    (fastattn holds BLAS to one thread only inside its kernels)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()
+              if i["user_api"] == "blas"]
+    _hammer(4, 10, rng)
+    after = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()
+             if i["user_api"] == "blas"]
+    assert before == after
