@@ -22,6 +22,7 @@ _UNBOUNDED = 1 << 42        # a window bound that no key index reaches
 _OFFSET_LIMIT = 1 << 40     # query offsets are clipped here (beyond it nothing changes)
 BLOCK_Q = 256               # query rows per work item
 BLOCK_K = 512               # keys per tile
+EDGE_K = 64                 # keys per chunk where rows see different key ranges
 SPLIT_MIN_WORK = 8          # fewer work items than this: split the KV axis (decode) ...
 SPLIT_MIN_KEYS = 1024       # ... into chunks of at least this many keys
 SERIAL_FLOPS = 1 << 20      # calls below this many flops run on the calling thread
@@ -243,7 +244,7 @@ def _real(x, name):
 
 
 def _tiling(nb, hq, hkv, lq, lk, with_weights):
-    """(heads, rows, bk, n_splits, split_len): the work item's extent."""
+    """(heads, rows, bk, edge, n_splits, split_len): the work item's extent."""
     group = hq // hkv
     if lq >= BLOCK_Q:
         heads = 1
@@ -261,7 +262,7 @@ def _tiling(nb, hq, hkv, lq, lk, with_weights):
     if nwork < SPLIT_MIN_WORK and lk >= 2 * SPLIT_MIN_KEYS and not with_weights:
         n_splits = min(-(-SPLIT_MIN_WORK // nwork), lk // SPLIT_MIN_KEYS)
     split_len = -(-lk // n_splits)
-    return (heads, rows, BLOCK_K, n_splits, split_len), nwork * n_splits
+    return (heads, rows, BLOCK_K, EDGE_K, n_splits, split_len), nwork * n_splits
 
 
 def attention(query, key, value, *, mask=None, causal=False, query_offset=None, window=None,

@@ -63,7 +63,6 @@ cdef extern from *:
 
 cdef enum:
     SMALL_ROWS = 8    # at most this many rows: stream K/V rows (decode) instead of a GEMM
-    EDGE_BLOCK = 64   # keys per chunk where rows see different key ranges
 
 cdef enum BlasTrans:
     NoTrans = 110  # 'n'
@@ -73,7 +72,8 @@ ctypedef struct Problem:
     # sizes
     Py_ssize_t hq, hkv, group, lq, lk, d, dv
     # tiling: a work item covers `heads` query heads x `rows` query positions x one KV split
-    Py_ssize_t heads, rows, n_hchunks, n_qblocks, bk, n_splits, split_len
+    # edge: keys per chunk where the rows see different key ranges (causal diagonal, window)
+    Py_ssize_t heads, rows, n_hchunks, n_qblocks, bk, edge, n_splits, split_len
     # operands: base pointer, per-batch offsets, strides (elements); K, V rows are unit-stride
     char *q
     const int64_t *q_boff
@@ -214,17 +214,19 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
     cdef int64_t pos0 = off + i0
     cdef Py_ssize_t full_lo = clamp(pos0 + ni - 1 - P.left, lo, hi)
     cdef Py_ssize_t full_hi = clamp(pos0 + P.right + 1, full_lo, hi)
+    if full_hi - full_lo < P.edge:      # too thin for a big tile: all edge chunks
+        full_hi = full_lo
     cdef Py_ssize_t ra = 0, rb = R, rn
     cdef floating *kblk
     cdef floating *vblk
     kb = lo
     while kb < hi:
         if kb < full_lo:
-            n = min(EDGE_BLOCK, full_lo - kb)
+            n = min(P.edge, full_lo - kb)
         elif kb < full_hi:
             n = min(BK, full_hi - kb)
         else:
-            n = min(EDGE_BLOCK, hi - kb)
+            n = min(P.edge, hi - kb)
         if nh == 1:
             ra = clamp(kb - pos0 - P.right, 0, R)
             rb = clamp(kb + n - pos0 + P.left, ra, R)
@@ -452,7 +454,7 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
     (uint8 for bool, else the compute dtype; at least 3-D, broadcasting to
     (*batch, Hq, Lq, Lk)) in any aligned strides; weights C-contiguous or None.  klen and
     qoff: int64 (NB,) arrays, or None for Lk and Lk - Lq.
-    tiling = (heads, rows, bk, n_splits, split_len).
+    tiling = (heads, rows, bk, edge, n_splits, split_len).
     """
     cdef Problem P
     cdef int failed = 0
@@ -464,7 +466,7 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
         raise ValueError(f"at most 32 batch axes are supported, got {len(batch_shape)}")
     P.hq, P.lq, P.d = q.shape[q.ndim - 3], q.shape[q.ndim - 2], q.shape[q.ndim - 1]
     P.hkv, P.lk, P.dv = v.shape[v.ndim - 3], v.shape[v.ndim - 2], v.shape[v.ndim - 1]
-    P.heads, P.rows, P.bk, P.n_splits, P.split_len = tiling
+    P.heads, P.rows, P.bk, P.edge, P.n_splits, P.split_len = tiling
     P.group = P.hq // P.hkv
     P.n_hchunks = (P.group + P.heads - 1) // P.heads
     P.n_qblocks = (P.lq + P.rows - 1) // P.rows
