@@ -357,6 +357,8 @@ INT32_MAX = 2**31 - 1
 PARALLEL_MIN_FLOPS = 1 << 21    # smaller GEMMs run on the calling thread
 ROWS_PER_THREAD = 32            # fewer rows than this per thread: split the columns instead
 LN_PARALLEL_MIN = 1 << 15       # elements; smaller LayerNorms run on the calling thread
+SMALL_N = FF_SMALL_N             # up to this many rows, float32 projections stream w once
+STREAM_CHUNK = 256              # output columns per chunk of the streaming kernel
 
 
 ctypedef struct Linear:
@@ -425,6 +427,11 @@ cdef void linear_run(const Linear *L, int nthreads, floating dummy) noexcept nog
     cdef Py_ssize_t c
     if nthreads <= 1 or L.nchunks <= 1:
         for c in range(L.nchunks):
+            linear_chunk(L, c, dummy)
+    elif L.nchunks > nthreads:
+        # many small streaming chunks (few rows): a thread that starts late (a busy machine)
+        # finds the work already taken instead of holding the others at the barrier
+        for c in prange(L.nchunks, num_threads=nthreads, schedule='dynamic'):
             linear_chunk(L, c, dummy)
     else:
         for c in prange(L.nchunks, num_threads=nthreads, schedule='static'):
@@ -517,6 +524,8 @@ def linear(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, cnp.ndarray out,
     cdef Py_ssize_t align = 8 if L.split_rows else 16
     nt = min(nt, extent)
     L.step = (extent + nt - 1) // nt
+    if not L.split_rows and L.n <= SMALL_N and nt > 1:
+        L.step = min(L.step, STREAM_CHUNK)             # the streaming kernel: dynamic chunks
     L.step = min(extent, (L.step + align - 1) // align * align)
     L.nchunks = (extent + L.step - 1) // L.step
     cdef int nth = <int>min(nt, L.nchunks)
