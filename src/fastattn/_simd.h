@@ -210,6 +210,16 @@ FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
     h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));
     return _mm_cvtsd_f64(h);
 }
+/* Streaming rows from memory: fetch every cache line of the row FA_PREFETCH_ROWS ahead. */
+#define FA_PREFETCH_ROWS 8
+static inline void fa_prefetch_row(const float *X, ptrdiff_t ld, ptrdiff_t n, ptrdiff_t j,
+                                   ptrdiff_t width) {
+    if (j >= n) return;
+    const char *p = (const char *)(X + j * ld);
+    for (ptrdiff_t b = 0; b < width * (ptrdiff_t)sizeof(float); b += 64)
+        _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 FA_AVX2 static inline float fa_hsum8(__m256 s) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -222,7 +232,7 @@ FA_AVX2 static void fa_qk_f32_avx2(const float *K, ptrdiff_t ldk, ptrdiff_t n, c
     ptrdiff_t D8 = D & ~(ptrdiff_t)7;
     for (ptrdiff_t j = 0; j < n; j++) {
         const float *k = K + j * ldk;
-        if (j + 2 < n) _mm_prefetch((const char *)(K + (j + 2) * ldk), _MM_HINT_T0);
+        fa_prefetch_row(K, ldk, n, j + FA_PREFETCH_ROWS, D);
         for (ptrdiff_t r = 0; r < R; r++) {
             const float *q = Q + r * D;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -245,7 +255,7 @@ FA_AVX2 static void fa_pv_f32_avx2(const float *P, ptrdiff_t lds, ptrdiff_t R, p
     ptrdiff_t D8 = Dv & ~(ptrdiff_t)7;
     for (ptrdiff_t j = 0; j < n; j++) {
         const float *v = V + j * ldv;
-        if (j + 2 < n) _mm_prefetch((const char *)(V + (j + 2) * ldv), _MM_HINT_T0);
+        fa_prefetch_row(V, ldv, n, j + FA_PREFETCH_ROWS, Dv);
         for (ptrdiff_t r = 0; r < R; r++) {
             float p = P[r * lds + j];
             if (p == 0) continue;
