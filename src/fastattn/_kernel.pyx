@@ -24,7 +24,7 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.math cimport INFINITY, isnan, isfinite, exp, tanh
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 cimport numpy as cnp
 
@@ -44,6 +44,8 @@ cdef extern from "_simd.h" nogil:
     void fa_pv_f32(const float *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n, const float *V,
                    Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
     const char *fa_simd_init(int use_simd)
+    int fa_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
+    int fa_float_to_half(const float *src, uint16_t *dst, Py_ssize_t n)
 
 cdef extern from "_blasctl.h" nogil:
     const char *fa_blas_init(void *gemm_symbol)
@@ -543,6 +545,27 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
 def simd_init(bint use_simd=True):
     """Select the exp/max row-pass implementation; returns its name ('avx2+fma' or 'scalar')."""
     return fa_simd_init(use_simd).decode()
+
+
+def convert_half(cnp.ndarray src, cnp.ndarray dst):
+    """Convert C-contiguous float16 <-> float32 arrays of equal size with F16C, without the
+    GIL.  Returns False (nothing done) where the CPU has no F16C."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    cdef int done
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(src) and cnp.PyArray_IS_C_CONTIGUOUS(dst)
+            and cnp.PyArray_SIZE(dst) == n):
+        raise ValueError("convert_half needs C-contiguous arrays of equal size")
+    cdef void *s = cnp.PyArray_DATA(src)
+    cdef void *d = cnp.PyArray_DATA(dst)
+    if src.dtype.itemsize == 2 and dst.dtype.itemsize == 4:
+        with nogil:
+            done = fa_half_to_float(<const uint16_t *>s, <float *>d, n)
+    elif src.dtype.itemsize == 4 and dst.dtype.itemsize == 2:
+        with nogil:
+            done = fa_float_to_half(<const float *>s, <uint16_t *>d, n)
+    else:
+        raise ValueError("convert_half converts float16 <-> float32")
+    return bool(done)
 
 
 def py_row_expsum(floating[::1] x, floating m):

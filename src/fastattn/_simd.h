@@ -268,6 +268,23 @@ FA_AVX2 static void fa_pv_f32_avx2(const float *P, ptrdiff_t lds, ptrdiff_t R, p
         }
     }
 }
+/* float16 <-> float32 for whole contiguous arrays (F16C); round to nearest even, as NumPy. */
+__attribute__((target("avx2,f16c"))) static void fa_h2f_f16c(const uint16_t *src, float *dst,
+                                                              ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
+}
+
+__attribute__((target("avx2,f16c"))) static void fa_f2h_f16c(const float *src, uint16_t *dst,
+                                                              ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
 #endif  /* x86-64 */
 
 /* ---- run-time dispatch ----------------------------------------------------------------- */
@@ -279,6 +296,24 @@ static fa_expsum_f64_t fa_expsum_f64 = fa_expsum_f64_scalar;
 static fa_qk_f32_t fa_qk_f32 = fa_qk_f32_scalar;
 static fa_pv_f32_t fa_pv_f32 = fa_pv_f32_scalar;
 static const char *fa_simd_name = "scalar";
+static int fa_have_f16c = 0;
+
+/* Returns 0 (nothing done) where the CPU has no F16C: the caller converts another way. */
+static int fa_half_to_float(const uint16_t *src, float *dst, ptrdiff_t n) {
+#ifdef FA_HAVE_X86
+    if (fa_have_f16c) { fa_h2f_f16c(src, dst, n); return 1; }
+#endif
+    (void)src; (void)dst; (void)n;
+    return 0;
+}
+
+static int fa_float_to_half(const float *src, uint16_t *dst, ptrdiff_t n) {
+#ifdef FA_HAVE_X86
+    if (fa_have_f16c) { fa_f2h_f16c(src, dst, n); return 1; }
+#endif
+    (void)src; (void)dst; (void)n;
+    return 0;
+}
 
 /* use_simd = 0 forces the plain C path (tests compare the two). Returns the path's name. */
 static const char *fa_simd_init(int use_simd) {
@@ -289,9 +324,11 @@ static const char *fa_simd_init(int use_simd) {
     fa_qk_f32 = fa_qk_f32_scalar;
     fa_pv_f32 = fa_pv_f32_scalar;
     fa_simd_name = "scalar";
+    fa_have_f16c = 0;
 #ifdef FA_HAVE_X86
     if (use_simd) {
         __builtin_cpu_init();
+        fa_have_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
             fa_max_f32 = fa_max_f32_avx2;
             fa_max_f64 = fa_max_f64_avx2;
