@@ -227,47 +227,88 @@ FA_AVX2 static inline float fa_hsum8(__m256 s) {
     return _mm_cvtss_f32(h);
 }
 
+/* Sum each of 8 vectors: lane i of the result is the sum of the lanes of x[i]. */
+FA_AVX2 static inline __m256 fa_hsum8x8(const __m256 *x) {
+    __m256 t0 = _mm256_hadd_ps(x[0], x[1]), t1 = _mm256_hadd_ps(x[2], x[3]);
+    __m256 t2 = _mm256_hadd_ps(x[4], x[5]), t3 = _mm256_hadd_ps(x[6], x[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 FA_AVX2 static void fa_qk_f32_avx2(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
                                    ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {
-    ptrdiff_t D8 = D & ~(ptrdiff_t)7;
-    for (ptrdiff_t j = 0; j < n; j++) {
-        const float *k = K + j * ldk;
-        fa_prefetch_row(K, ldk, n, j + FA_PREFETCH_ROWS, D);
+    ptrdiff_t D8 = D & ~(ptrdiff_t)7, j = 0;
+    /* eight keys at a time: eight independent FMA chains, one transposed reduction */
+    for (; j + 8 <= n; j += 8) {
+        for (ptrdiff_t t = 0; t < 8; t++) fa_prefetch_row(K, ldk, n, j + FA_PREFETCH_ROWS + t, D);
         for (ptrdiff_t r = 0; r < R; r++) {
             const float *q = Q + r * D;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            ptrdiff_t c = 0;
-            for (; c + 16 <= D8; c += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), _mm256_loadu_ps(k + c + 8), a1);
+            __m256 a[8];
+            for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+            for (ptrdiff_t c = 0; c < D8; c += 8) {
+                __m256 qv = _mm256_loadu_ps(q + c);
+                for (int t = 0; t < 8; t++)
+                    a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(K + (j + t) * ldk + c), qv, a[t]);
             }
+            __m256 sums = fa_hsum8x8(a);
+            if (D8 < D) {
+                float tail[8];
+                for (int t = 0; t < 8; t++) {
+                    float acc = 0;
+                    for (ptrdiff_t c = D8; c < D; c++) acc += q[c] * K[(j + t) * ldk + c];
+                    tail[t] = acc;
+                }
+                sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+            }
+            _mm256_storeu_ps(S + r * lds + j, sums);
+        }
+    }
+    for (; j < n; j++) {
+        const float *k = K + j * ldk;
+        for (ptrdiff_t r = 0; r < R; r++) {
+            const float *q = Q + r * D;
+            __m256 a0 = _mm256_setzero_ps();
+            ptrdiff_t c = 0;
             for (; c < D8; c += 8)
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
-            float acc = fa_hsum8(_mm256_add_ps(a0, a1));
+            float acc = fa_hsum8(a0);
             for (; c < D; c++) acc += q[c] * k[c];
             S[r * lds + j] = acc;
         }
     }
 }
 
+/* acc[r, :] += Σ_j P[r, j] V[j, :], the accumulator held in registers 64 columns at a time */
 FA_AVX2 static void fa_pv_f32_avx2(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                                    const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc) {
-    ptrdiff_t D8 = Dv & ~(ptrdiff_t)7;
-    for (ptrdiff_t j = 0; j < n; j++) {
-        const float *v = V + j * ldv;
-        fa_prefetch_row(V, ldv, n, j + FA_PREFETCH_ROWS, Dv);
-        for (ptrdiff_t r = 0; r < R; r++) {
-            float p = P[r * lds + j];
-            if (p == 0) continue;
-            __m256 pv = _mm256_set1_ps(p);
-            float *a = acc + r * Dv;
-            ptrdiff_t c = 0;
-            for (; c < D8; c += 8)
-                _mm256_storeu_ps(a + c, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + c), _mm256_loadu_ps(a + c)));
-            for (; c < Dv; c++) a[c] += p * v[c];
+    for (ptrdiff_t r = 0; r < R; r++) {
+        const float *p = P + r * lds;
+        float *o = acc + r * Dv;
+        ptrdiff_t c0 = 0;
+        for (; c0 + 8 <= Dv; c0 += 64) {
+            int nv = (int)((Dv - c0) / 8 < 8 ? (Dv - c0) / 8 : 8);   /* vectors in this block */
+            __m256 a[8];
+            for (int t = 0; t < nv; t++) a[t] = _mm256_loadu_ps(o + c0 + 8 * t);
+            for (ptrdiff_t j = 0; j < n; j++) {
+                if (r == 0 && c0 == 0) fa_prefetch_row(V, ldv, n, j + FA_PREFETCH_ROWS, Dv);
+                if (p[j] == 0) continue;
+                __m256 pv = _mm256_set1_ps(p[j]);
+                const float *v = V + j * ldv + c0;
+                for (int t = 0; t < nv; t++) a[t] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * t), a[t]);
+            }
+            for (int t = 0; t < nv; t++) _mm256_storeu_ps(o + c0 + 8 * t, a[t]);
+            if (nv < 8) { c0 += 8 * nv; break; }
+        }
+        for (ptrdiff_t c = c0; c < Dv; c++) {       /* columns past the last full vector */
+            float s = o[c];
+            for (ptrdiff_t j = 0; j < n; j++)
+                if (p[j] != 0) s += p[j] * V[j * ldv + c];
+            o[c] = s;
         }
     }
 }
+
 /* float16 <-> float32 for whole contiguous arrays (F16C); round to nearest even, as NumPy. */
 __attribute__((target("avx2,f16c"))) static void fa_h2f_f16c(const uint16_t *src, float *dst,
                                                               ptrdiff_t n) {
