@@ -248,8 +248,12 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
                  <int>P.k_sl, Qs + ra * D, <int>D, <floating>0, S + ra * lds, <int>lds)
         partial = P.mask != NULL
         for r in range(ra, rb):
-            h = h0 + r // ni
-            i = i0 + r % ni
+            if nh == 1:             # the common case, without two divisions a row
+                h = h0
+                i = i0 + r
+            else:
+                h = h0 + r // ni
+                i = i0 + r % ni
             pos = off + i
             row = S + r * lds
             a = clamp(pos - P.left - kb, 0, n)
@@ -288,10 +292,8 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
                     continue
             m_new = mx if (mx > mrow[r] or isnan(mx)) else mrow[r]
             alpha = exp(mrow[r] - m_new) if mrow[r] != ninf else 0
-            for j in range(a):
-                row[j] = 0
-            for j in range(e, n):
-                row[j] = 0
+            memset(row, 0, a * sizeof(floating))
+            memset(row + e, 0, (n - e) * sizeof(floating))
             total = row_expsum(row + a, e - a, m_new)
             lrow[r] = lrow[r] * alpha + total
             if alpha != 1:
