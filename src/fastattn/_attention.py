@@ -26,7 +26,7 @@ EDGE_K = 64                 # keys per chunk where rows see different key ranges
 SPLIT_MIN_WORK = 8          # fewer work items than this: split the KV axis (decode) ...
 SPLIT_MIN_KEYS = 1024       # ... into chunks of at least this many keys
 SERIAL_FLOPS = 1 << 20      # calls below this many flops run on the calling thread
-SMALL_ROWS = 8              # the kernel streams K/V without BLAS for this few query rows
+SMALL_ROWS = _kernel.SMALL_ROWS_LIMIT  # the kernel streams K/V without BLAS for so few rows
 BLAS_THREADED_FLOPS = 65536  # OpenBLAS may thread a GEMM from M·N·K = 4 x this; stay clear
 
 

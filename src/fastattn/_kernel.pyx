@@ -52,6 +52,9 @@ cdef extern from "_blasctl.h" nogil:
     int fa_blas_set_global(int n)
     int fa_blas_get_global()
 
+cdef extern from "_scratch.h" nogil:
+    void *fa_scratch(size_t nbytes)
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -378,22 +381,20 @@ cdef void run(Problem *P, Py_ssize_t nwork, Py_ssize_t nrows, int nthreads,
     cdef size_t nscratch = tile * (P.d + P.bk + P.dv + 2)
     cdef floating *scratch
     if nthreads <= 1 or nwork <= 1:
-        scratch = <floating *>malloc(nscratch * sizeof(floating))
+        scratch = <floating *>fa_scratch(nscratch * sizeof(floating))
         if scratch == NULL:
             P.failed[0] = 1
             return
         for w in range(nwork):
             process_item(P, w, scratch)
-        free(scratch)
     else:
         with parallel(num_threads=nthreads):
-            scratch = <floating *>malloc(nscratch * sizeof(floating))
+            scratch = <floating *>fa_scratch(nscratch * sizeof(floating))
             for w in prange(nwork, schedule='dynamic'):
                 if scratch == NULL:
                     P.failed[0] = 1
                 else:
                     process_item(P, w, scratch)
-            free(scratch)
     if P.n_splits > 1 and not P.failed[0]:
         if nthreads <= 1:
             for t in range(nrows):
@@ -540,6 +541,9 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
         free(P.part)
     if failed:
         raise MemoryError("fastattn: could not allocate the kernel's per-thread scratch")
+
+
+SMALL_ROWS_LIMIT = SMALL_ROWS   # for the Python policy: up to this many rows, no BLAS call
 
 
 # ---- small twins of the nogil helpers, for tests and show_config -------------------------
