@@ -79,7 +79,7 @@ def test_markdown_marks_miss_loudly():
            "bandwidth": {"1": {"gbs": 1.0}}, "elapsed": 1.0,
            "machine": {"cpu": "cpu", "cores": 1, "python": "3", "platform": "p",
                        "config": {"simd": "x"}, "peers": {}, "env": {}}}
-    assert "| a | x | 0.5x | **NO** |" in bench.markdown(res, [])
+    assert "| a | x | 0.5x | - | **NO** |" in bench.markdown(res, [])
 
 
 def test_memory_child_reports_extra_rss(capsys):
