@@ -28,7 +28,7 @@ find "$build/src" \( -name '*.so' -o -name '_kernel.c' -o -name '__pycache__' \)
 (cd "$build" && FASTATTN_SANITIZE=1 "$python" setup.py -q build_ext --inplace \
     --build-temp "$build/tmp") >"$build/build.log" 2>&1 || { cat "$build/build.log"; exit 1; }
 so=$(ls "$build"/src/fastattn/_kernel*.so)
-if ! nm -D "$so" | grep -q __asan_; then
+if [ "$(nm -D "$so" | grep -c __asan_)" -eq 0 ]; then  # not grep -q: SIGPIPE under pipefail
     echo "asan.sh: $so is not instrumented" >&2
     exit 1
 fi
