@@ -228,11 +228,6 @@ def test_property_random_problems_within_bound(problem):
     assert_matches_reference(q, k, v, out=out, **kw)
 
 
-F64_EXP_BUG = "float64 AVX2 exp (_simd.h fa_exp4) is off by up to ~78 ulp: its degree-11 " \
-              "Taylor polynomial truncates at ~6e-15 on |r| <= ln2/2"
-
-
-@pytest.mark.xfail(strict=False, reason=F64_EXP_BUG + " (random: not every run hits it)")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(dtypes=(np.float64,)))
 def test_property_random_problems_within_bound_float64(problem):
@@ -244,7 +239,6 @@ def test_property_random_problems_within_bound_float64(problem):
     assert_matches_reference(q, k, v, out=out, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason=F64_EXP_BUG)
 def test_accuracy_float64_exp_near_half_ln2():
     """accuracy: float64 with two keys whose logits differ by ~ln2/2 (where a short exp
     polynomial is least accurate) is within the bound (u = 2**-53)."""
@@ -339,8 +333,6 @@ def test_empty_axes_give_empty_or_zero_results(rng):
     assert np.array_equal(o, np.zeros((3, 5))) and w.shape == (3, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="attention skips the kernel when Dv == 0, so weights "
-                   "stay all zero instead of the softmax")
 def test_weights_when_dv_is_zero(rng):
     """empty rows / return_weights: the weights do not depend on Dv (Dv = 0 included)."""
     q, k = rand(rng, (1, 4, 3)), rand(rng, (1, 6, 3))
@@ -468,8 +460,6 @@ def test_out_strided_view_returned_and_filled(dtype, rng):
     assert o is not None and np.shares_memory(o, buf)
 
 
-@pytest.mark.xfail(strict=True, reason="with 2-D inputs attention returns out[None][0], a view "
-                   "of out, not out itself")
 def test_out_for_2d_inputs_is_returned(rng):
     """out=: with 2-D (L, D) inputs the very same out object is returned."""
     q = rand(rng, (5, 4))

@@ -191,8 +191,10 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
         klen = np.ascontiguousarray(np.broadcast_to(kl, batch_shape), dtype=np.int64).reshape(-1)
     if query_offset is not None:
         qo = _int_per_batch(query_offset, "query_offset", batch_shape)
-        qo = np.clip(qo, -_OFFSET_LIMIT, _OFFSET_LIMIT) if qo.dtype.kind == "i" \
-            else np.minimum(qo, _OFFSET_LIMIT)
+        if qo.dtype.kind == "u":
+            qo = np.minimum(qo.astype(np.uint64), np.uint64(_OFFSET_LIMIT))
+        else:
+            qo = np.clip(qo.astype(np.int64), -_OFFSET_LIMIT, _OFFSET_LIMIT)
         qoff = np.ascontiguousarray(np.broadcast_to(qo, batch_shape), dtype=np.int64).reshape(-1)
     c.klen, c.qoff = klen, qoff
 
@@ -309,14 +311,15 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
         o = np.empty(batch + (hq, lq, dv), dtype)
     weights = np.zeros(batch + (hq, lq, lk), dtype) if return_weights else None
 
-    if nb and hq and lq and dv:
+    if nb and hq and lq and (dv or return_weights):
         if lk == 0:
             o[...] = 0
         else:
             _run(c, o, weights)
 
-    if c.out is not None and not direct:
-        np.copyto(c.out, o[0] if c.squeeze else o)
+    if c.out is not None:
+        if not direct:
+            np.copyto(c.out, o[0] if c.squeeze else o)
         o = c.out
     else:
         if c.squeeze:

@@ -61,9 +61,10 @@ def reference_attention(query, key, value, *, mask=None, causal=False, query_off
             vbad = np.where(bad, v, 0)
             out = out + _masked_mv(w, vbad)
     out = out.astype(p.out_dtype)
-    if return_weights:
-        return out, w.astype(p.out_dtype)
-    return out
+    w = w.astype(p.out_dtype)
+    if p.squeeze:                       # 2-D inputs: no head axis in the result
+        out, w = out[0], w[0]
+    return (out, w) if return_weights else out
 
 
 def _masked_mv(w, vbad):
