@@ -118,8 +118,6 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     else:
         out_dtype = np.result_type(q.dtype, k.dtype, v.dtype)
     dtype = _F32 if out_dtype == _F16 else out_dtype
-    if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
-        q, k, v = (_cast(a, dtype) if a.dtype != dtype else a for a in (q, k, v))
     squeeze = q.ndim == k.ndim == v.ndim == 2
     if q.ndim == 2 or k.ndim == 2 or v.ndim == 2:
         q, k, v = (a[None] if a.ndim == 2 else a for a in (q, k, v))  # (*b, H, L, D)
@@ -148,6 +146,9 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
             if n > INT32_MAX:
                 raise ValueError(f"{name} = {n} exceeds the 32-bit BLAS limit 2**31 - 1")
 
+    if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
+        q, k, v = (_cast(a, dtype) if a.dtype != dtype else a for a in (q, k, v))
+
     c = _Call()
     c.query, c.key, c.value = q, k, v
     c.batch_shape = batch_shape
@@ -160,15 +161,8 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     c.mask = c.mask_full = None
     if mask is not None:
         m = np.asarray(mask)
-        if m.dtype == np.bool_:
-            pass
-        elif m.dtype.kind == "f":
-            if m.dtype != dtype or not m.dtype.isnative:
-                m = m.astype(dtype)
-        else:
+        if m.dtype != np.bool_ and m.dtype.kind != "f":
             raise TypeError(f"mask must be a bool or float array, got dtype {m.dtype}")
-        if not m.flags.aligned:
-            m = m.copy()
         try:
             ok = np.broadcast_shapes(m.shape, full) == full
         except ValueError:
@@ -176,6 +170,10 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
         if not ok:
             raise ValueError(f"mask of shape {m.shape} does not broadcast to (*batch, Hq, Lq, Lk) "
                              f"= {full}")
+        if m.dtype.kind == "f" and (m.dtype != dtype or not m.dtype.isnative):
+            m = m.astype(dtype)
+        if not m.flags.aligned:
+            m = m.copy()
         if m.ndim < 3:
             m = m.reshape((1,) * (3 - m.ndim) + m.shape)
         c.mask = m
