@@ -16,7 +16,7 @@ Run (not part of the pytest run):
     tests/fuzz/run_fuzz.sh 1800 /tmp/fastattn-fuzz   # restarts after findings, keeps a corpus
 
 ``FUZZ_STATS=path`` appends the execution count and the seconds spent on exit.
-``FUZZ_KNOWN=out2d,ref2d,wdv0,uoff`` skips known, reported bugs (see the names below).
+``FUZZ_KNOWN=out2d,ref2d,wdv0,uoff,f64exp`` skips known, reported bugs (see the names below).
 """
 import atexit
 import os
@@ -30,7 +30,7 @@ with atheris.instrument_imports():
     import fastattn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from conftest import U16, U32, U64, error_bound, plain_attention  # noqa: E402
+from conftest import U16, U32, U64, _visibility, error_bound, plain_attention  # noqa: E402
 
 DTYPES = [np.float32, np.float64, np.float16, np.float32, np.float64, np.int32, np.bool_,
           np.complex64, object, ">f4"]
@@ -51,7 +51,7 @@ atexit.register(_stats)
 def layout(fdp, a):
     """a (or an equal array) in one of several memory layouts."""
     kind = fdp.ConsumeIntInRange(0, 7)
-    if a.ndim == 0 or a.dtype == object:
+    if a.ndim < 2 or a.dtype == object:
         return a
     if kind == 1:                               # transposed storage, same logical array
         return np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)
@@ -232,7 +232,7 @@ def TestOneInput(data):
 
     snap = [a.copy() for a in (q, k, v)]
     try:
-        with np.errstate(all="raise"):
+        with np.errstate(divide="raise", over="raise", invalid="raise"):
             res = fastattn.attention(q, k, v, **kw)
     except (ValueError, TypeError):
         return
@@ -270,7 +270,22 @@ def TestOneInput(data):
     fin_out = np.isfinite(o64).all(axis=-1)
     # rows the reference keeps finite stay finite (nothing hidden leaks); the converse may
     # differ where a weight underflows to exactly 0 in float32 but not in float64
-    assert fin_out[fin_ref].all(), "a finite reference row is not finite"
+    # (the reference drops w == 0 terms, so a visible non-finite value row whose weight
+    # underflows to 0 only in float32 is exempt)
+    q3, v3 = (a[None] if a.ndim == 2 else a for a in (q, v))
+    k3 = k[None] if k.ndim == 2 else k
+    bs = np.broadcast_shapes(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3])
+    hq_, hkv_ = q3.shape[-3], k3.shape[-3]
+    try:
+        vis, _ = _visibility(bs, hq_, lq, lk, **{n: opts[n] for n in opts
+                                                 if n not in ("scale", "softcap")})
+        vis_keys = np.broadcast_to(vis, bs + (hq_, lq, lk)).any(axis=-2)      # (*bs, Hq, Lk)
+    except ValueError:          # TODO: a mask accepted with a shape _visibility rejects
+        raise AssertionError(f"mask {np.shape(opts.get('mask'))} accepted for batch {bs}")
+    v_bad = ~np.isfinite(np.broadcast_to(v3, bs + v3.shape[-3:])).all(axis=-1)  # (*bs, Hkv, Lk)
+    v_bad = np.repeat(v_bad, hq_ // hkv_, axis=-2)
+    if not (v_bad & vis_keys).any():
+        assert fin_out[fin_ref].all(), "a finite reference row is not finite"
     finite_in = all(np.isfinite(a).all() for a in (q, k, v)) and \
         ("mask" not in opts or opts["mask"].dtype == np.bool_ or
          not np.isnan(opts["mask"]).any())
@@ -280,15 +295,22 @@ def TestOneInput(data):
         with np.errstate(all="ignore"):
             bound, _ = error_bound(q, k, v, ref=ref, **opts)
         err = np.abs(o64 - ref).max()
+        if odt == np.float64 and "f64exp" in os.environ.get("FUZZ_KNOWN", ""):
+            bound *= 16          # known, reported: the float64 AVX2 exp is off by ~78 ulp
         assert err <= bound * 1.0001 + 1e-300, f"error {err} > bound {bound}"
     if w is not None and not (dv == 0 and "wdv0" in os.environ.get("FUZZ_KNOWN", "")):
         assert w.shape == rw.shape and w.dtype == odt, "weights shape/dtype"
-        assert np.array_equal(np.isnan(w), np.isnan(rw)), "weights NaN pattern"
+        # NaN weights only where the reference has them (the reference also puts NaN at the
+        # hidden keys of a NaN row, the kernel 0 there)
+        assert not (np.isnan(w) & ~np.isnan(rw)).any(), "weights NaN pattern"
         if finite_in:
+            u, work = (U64, np.float64) if odt == np.float64 else (U32, np.float32)
             with np.errstate(all="ignore"):
-                _, _, smax = plain_attention(q, k, v, **opts)
-            u = U64 if odt == np.float64 else U32
-            tol = 8 * u * max(1.0, smax) + (U16 if odt == np.float16 else 0)
+                _, w2, smax = plain_attention(q, k, v, dtype=work, **opts)
+            werr2 = np.abs(w2 - rw).max() if w.size else 0.0
+            tol = max(2 * werr2, 8 * u * max(1.0, smax)) + (U16 if odt == np.float16 else 0)
+            if odt == np.float64 and "f64exp" in os.environ.get("FUZZ_KNOWN", ""):
+                tol *= 16
             werr = np.abs(w.astype(np.float64) - rw).max() if w.size else 0.0
             assert werr <= tol, f"weights error {werr} > {tol}"
 
