@@ -67,9 +67,9 @@ static const char *fa_blas_init(void *gemm_symbol) {
 #endif
 }
 
-static int fa_blas_get_global(void) { return fa_blas_global_get ? fa_blas_global_get() : -1; }
+static inline int fa_blas_get_global(void) { return fa_blas_global_get ? fa_blas_global_get() : -1; }
 
-static int fa_blas_set_global(int n) {
+static inline int fa_blas_set_global(int n) {
     int prev = fa_blas_get_global();
     if (fa_blas_global_set && n >= 1) fa_blas_global_set(n);
     return prev;

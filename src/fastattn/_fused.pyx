@@ -40,8 +40,8 @@ cdef extern from *:
     """
     #include <math.h>
     #include <stddef.h>
-    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    #include <immintrin.h>
+    #include "_vecmath.h"          /* FA_AVX2, fa_exp8, fa_hsum8 (x86-64) */
+    #ifdef FA_HAVE_X86
     #define FF_X86 1
     #else
     #define FF_X86 0
@@ -116,31 +116,8 @@ cdef extern from *:
     }
 
     #if FF_X86
-    #define FF_AVX2 __attribute__((target("avx2,fma")))
 
-    /* exp(x) = 2^k e^r, k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts),
-     * e^r by its Taylor series to degree 7 (|r| <= ln2 / 2: relative error < 6e-9) */
-    FF_AVX2 static inline __m256 ff_exp8(__m256 x) {
-        x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);     /* NaN passes through */
-        x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-        __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
-        r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606820309417232e-06f), r);
-        __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k),
-                                                       _mm256_set1_epi32(127)), 23);
-        return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    }
-
-    FF_AVX2 static inline __m256 ff_erf8(__m256 x) {
+    FA_AVX2 static inline __m256 ff_erf8(__m256 x) {
         __m256 c = _mm256_min_ps(_mm256_set1_ps(4.0f), x);
         c = _mm256_max_ps(_mm256_set1_ps(-4.0f), c);
         __m256 z = _mm256_mul_ps(c, c);
@@ -165,7 +142,7 @@ cdef extern from *:
         return _mm256_blendv_ps(r, one, sat);
     }
 
-    FF_AVX2 static inline __m256 ff_act8(__m256 v, int act) {
+    FA_AVX2 static inline __m256 ff_act8(__m256 v, int act) {
         switch (act) {
         case FF_RELU:
             return _mm256_max_ps(_mm256_setzero_ps(), v);             /* NaN passes through */
@@ -178,7 +155,7 @@ cdef extern from *:
             __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
             __m256 u = _mm256_mul_ps(_mm256_set1_ps(FF_SQRT2_PI),
                                      _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
-            __m256 e = ff_exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u));
+            __m256 e = fa_exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u));
             return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
         }
         default:
@@ -188,7 +165,7 @@ cdef extern from *:
 
     /* rows x cols block with row stride ld: y = act(y + bias); the tail of each row goes
      * through the same vector code under a mask, so every element takes the same path */
-    FF_AVX2 static void ff_bias_act_f32_avx2(float *y, ptrdiff_t rows, ptrdiff_t cols,
+    FA_AVX2 static void ff_bias_act_f32_avx2(float *y, ptrdiff_t rows, ptrdiff_t cols,
                                              ptrdiff_t ld, const float *bias, int act) {
         const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         ptrdiff_t tail = cols % 8, body = cols - tail;
@@ -265,15 +242,8 @@ cdef extern from *:
      * Memory-bound on w, so one pass is what matters. */
     #define FF_SMALL_N 8
     #if FF_X86
-    FF_AVX2 static inline float ff_hsum8(__m256 v) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        return _mm_cvtss_f32(s);
-    }
-
     /* rows [0, n) of x, w rows j and j + 1 (w1 may equal w0 for an odd tail) */
-    FF_AVX2 static void ff_smalln_pair(ptrdiff_t n, ptrdiff_t k, const float *x, ptrdiff_t ldx,
+    FA_AVX2 static void ff_smalln_pair(ptrdiff_t n, ptrdiff_t k, const float *x, ptrdiff_t ldx,
                                        const float *w0, const float *w1, float *o0, float *o1,
                                        ptrdiff_t ldo, int accumulate) {
         const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -302,8 +272,8 @@ cdef extern from *:
                 t = _mm256_maskload_ps(x2 + p, mask); a20 = _mm256_fmadd_ps(t, u, a20); a21 = _mm256_fmadd_ps(t, v, a21);
                 t = _mm256_maskload_ps(x3 + p, mask); a30 = _mm256_fmadd_ps(t, u, a30); a31 = _mm256_fmadd_ps(t, v, a31);
             }
-            float r[4][2] = {{ff_hsum8(a00), ff_hsum8(a01)}, {ff_hsum8(a10), ff_hsum8(a11)},
-                             {ff_hsum8(a20), ff_hsum8(a21)}, {ff_hsum8(a30), ff_hsum8(a31)}};
+            float r[4][2] = {{fa_hsum8(a00), fa_hsum8(a01)}, {fa_hsum8(a10), fa_hsum8(a11)},
+                             {fa_hsum8(a20), fa_hsum8(a21)}, {fa_hsum8(a30), fa_hsum8(a31)}};
             for (ptrdiff_t i = 0; i < ni; i++) {
                 float *q0 = o0 + (i0 + i) * ldo, *q1 = o1 + (i0 + i) * ldo;
                 if (accumulate) { *q0 += r[i][0]; if (q1 != q0) *q1 += r[i][1]; }
