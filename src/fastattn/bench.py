@@ -308,6 +308,9 @@ def make_onnxruntime(case, n, q, k, v):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    # idle workers block instead of spinning: spinning costs ORT nothing measurable here but
+    # slowed the next library's 2-thread call by 1.4x (8x12x512x64) to 1.6x (GQA decode)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         sess = ort.InferenceSession(_ort_model(case, vis), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # an onnxruntime without the opset-23 Attention kernel
@@ -435,7 +438,7 @@ class Options:
     threads: tuple = (1,)
     repeats: int = 5
     min_sample: float = 0.02
-    settle: float = 0.002
+    settle: float = 0.05
     budget: float = 3.0           # seconds per (case, threads) after min_repeats rounds
     peers: tuple = PEERS
     quick: bool = False
@@ -1077,7 +1080,8 @@ def build_parser():
                    help="comma-separated peers among torch,onnxruntime,reference ('' = none)")
     p.add_argument("--settle", type=float, default=None,
                    help="seconds of sleep before each sample, to let the previous library's "
-                        "spinning threads stop (default 0.002)")
+                        "spinning threads stop (default 0.05: onnxruntime's pool spins for "
+                        "milliseconds after a run and halved fastattn's 2-thread speed at 2 ms)")
     p.add_argument("--json", default=os.path.join("bench", "out", "results.json"),
                    metavar="PATH", help="where to write the JSON results ('' = nowhere)")
     p.add_argument("--plot", default=None, metavar="PATH",
@@ -1132,7 +1136,7 @@ def main(argv=None):
     opts = Options(threads=threads, repeats=max(1, repeats),
                    min_sample=0.002 if args.quick else 0.02,
                    settle=(args.settle if args.settle is not None
-                           else 0.0 if args.quick else 0.002),
+                           else 0.0 if args.quick else 0.05),
                    budget=1.0 if args.quick else 30.0 if args.full else 3.0,
                    peers=peers, quick=args.quick, full=args.full,
                    memory=not (args.no_memory or args.quick or custom),
