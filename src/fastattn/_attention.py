@@ -181,13 +181,19 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
 
     # key_lengths -> klen (NB,), query_offset -> qoff (NB,)
     klen = qoff = None          # None: the kernel uses Lk and Lk - Lq
-    if key_lengths is not None:
+    if type(key_lengths) is int:        # a plain int: no array round trip
+        if not 0 <= key_lengths <= lk:
+            raise ValueError(f"key_lengths must lie in [0, Lk] = [0, {lk}], got {key_lengths}")
+        klen = np.full(nb, key_lengths, np.int64)
+    elif key_lengths is not None:
         kl = _int_per_batch(key_lengths, "key_lengths", batch_shape)
         if kl.size and (kl.min() < 0 or kl.max() > lk):
             raise ValueError(f"key_lengths must lie in [0, Lk] = [0, {lk}], got values in "
                              f"[{kl.min()}, {kl.max()}]")
         klen = np.ascontiguousarray(np.broadcast_to(kl, batch_shape), dtype=np.int64).reshape(-1)
-    if query_offset is not None:
+    if type(query_offset) is int:
+        qoff = np.full(nb, max(-_OFFSET_LIMIT, min(_OFFSET_LIMIT, query_offset)), np.int64)
+    elif query_offset is not None:
         qo = _int_per_batch(query_offset, "query_offset", batch_shape)
         if qo.dtype.kind == "u":
             qo = np.minimum(qo.astype(np.uint64), np.uint64(_OFFSET_LIMIT))
