@@ -16,7 +16,6 @@ Run (not part of the pytest run):
     tests/fuzz/run_fuzz.sh 1800 /tmp/fastattn-fuzz   # restarts after findings, keeps a corpus
 
 ``FUZZ_STATS=path`` appends the execution count and the seconds spent on exit.
-``FUZZ_KNOWN=out2d,ref2d,wdv0,uoff,f64exp`` skips known, reported bugs (see the names below).
 """
 import atexit
 import os
@@ -236,20 +235,11 @@ def TestOneInput(data):
             res = fastattn.attention(q, k, v, **kw)
     except (ValueError, TypeError):
         return
-    except OverflowError:
-        # FUZZ_KNOWN=uoff: known, reported bug (unsigned query_offset arrays narrower than 64 bits)
-        qo = kw.get("query_offset")
-        if "uoff" in os.environ.get("FUZZ_KNOWN", "") and getattr(qo, "dtype", None) is not None \
-                and qo.dtype.kind == "u":
-            return
-        raise
     for a, s in zip((q, k, v), snap):
         assert a.dtype == s.dtype and np.array_equal(a, s, equal_nan=True), "input modified"
     o, w = res if ret_w else (res, None)
     if out is not None:
-        # FUZZ_KNOWN=out2d skips a known, reported bug (2-D inputs return a view of out)
-        assert o is out or (two_d and "out2d" in os.environ.get("FUZZ_KNOWN", "")), \
-            "out= not returned"
+        assert o is out, "out= not returned"
     odt = np.result_type(q.dtype, k.dtype, v.dtype)
     assert o.dtype == odt, (o.dtype, odt)
     if o.size > 20000 or lq * lk * max(hq, 1) * int(np.prod(b or (1,))) > 200000:
@@ -262,8 +252,6 @@ def TestOneInput(data):
             **dict(opts, mask=opts["mask"].astype(np.float64)
                    if "mask" in opts and opts["mask"].dtype != np.bool_ else opts.get("mask")),
             return_weights=True)
-    if two_d and ref.ndim == 3 and "ref2d" in os.environ.get("FUZZ_KNOWN", ""):
-        ref, rw = ref[0], rw[0]      # known, reported bug: reference keeps the head axis
     assert o.shape == ref.shape, (o.shape, ref.shape)
     o64 = o.astype(np.float64)
     fin_ref = np.isfinite(ref).all(axis=-1)
@@ -295,10 +283,14 @@ def TestOneInput(data):
         with np.errstate(all="ignore"):
             bound, _ = error_bound(q, k, v, ref=ref, **opts)
         err = np.abs(o64 - ref).max()
-        if odt == np.float64 and "f64exp" in os.environ.get("FUZZ_KNOWN", ""):
-            bound *= 16          # known, reported: the float64 AVX2 exp is off by ~78 ulp
+        # plus the worst-case error of accumulating Lk terms of P·V in the working precision
+        # (Higham's gamma_n): the reliability bound has no length term, and near-uniform
+        # weights over hundreds of keys (D = 0, tiny logits) exceed it by a few ulps
+        u = 2.0 ** -53 if odt == np.float64 else 2.0 ** -24
+        vmax = float(np.abs(np.asarray(v, np.float64)).max()) if np.size(v) else 0.0
+        bound += lk * u * vmax
         assert err <= bound * 1.0001 + 1e-300, f"error {err} > bound {bound}"
-    if w is not None and not (dv == 0 and "wdv0" in os.environ.get("FUZZ_KNOWN", "")):
+    if w is not None:
         assert w.shape == rw.shape and w.dtype == odt, "weights shape/dtype"
         # NaN weights only where the reference has them (the reference also puts NaN at the
         # hidden keys of a NaN row, the kernel 0 there)
@@ -309,8 +301,6 @@ def TestOneInput(data):
                 _, w2, smax = plain_attention(q, k, v, dtype=work, **opts)
             werr2 = np.abs(w2 - rw).max() if w.size else 0.0
             tol = max(2 * werr2, 8 * u * max(1.0, smax)) + (U16 if odt == np.float16 else 0)
-            if odt == np.float64 and "f64exp" in os.environ.get("FUZZ_KNOWN", ""):
-                tol *= 16
             werr = np.abs(w.astype(np.float64) - rw).max() if w.size else 0.0
             assert werr <= tol, f"weights error {werr} > {tol}"
 
