@@ -89,6 +89,8 @@ def _int_per_batch(x, name, batch_shape):
 
 def _blas_ready(a):
     """a (..., L, F) with rows BLAS can read: unit feature stride, 1 <= F <= ld <= 2**31-1."""
+    if a.flags.c_contiguous:        # ld = F, which _prepare has checked against the limit
+        return a
     L, F = a.shape[-2:]
     isz = a.itemsize
     unit = F <= 1 or a.strides[-1] == isz
@@ -110,9 +112,11 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     q = _float_array(query, "query")
     k = _float_array(key, "key")
     v = _float_array(value, "value")
-    for name, a in (("query", q), ("key", k), ("value", v)):
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (L, D), got shape {a.shape}")
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        for name, a in (("query", q), ("key", k), ("value", v)):
+            if a.ndim < 2:
+                raise ValueError(f"{name} must have at least 2 dimensions (L, D), got shape "
+                                 f"{a.shape}")
     if q.dtype == k.dtype == v.dtype:
         out_dtype = q.dtype
     else:
