@@ -472,9 +472,11 @@ def run_case(case, opts, res=None):
             cpu0, wall0 = time.process_time(), time.perf_counter()
             med, samples, first = time_interleaved(calls, opts.repeats, opts.min_sample,
                                                    opts.settle, opts.budget)
-            # CPU time this process got, per requested core: well below 1 means other jobs
-            # took the cores (spinning threads count as CPU, so near 1 does not prove quiet)
-            cpu = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9) / n
+            # CPU time this process got, per requested core, outside the settle sleeps: well
+            # below 1 means other jobs took the cores (spinning threads count as CPU, so near
+            # 1 does not prove quiet)
+            awake = time.perf_counter() - wall0 - opts.settle * sum(map(len, samples.values()))
+            cpu = (time.process_time() - cpu0) / max(awake, 1e-9) / n
         ref = np.asarray(first["fastattn"], np.float64)
         maxdiff = {p: float(np.max(np.abs(np.asarray(o, np.float64) - ref)))
                    for p, o in first.items() if p != "fastattn"}
