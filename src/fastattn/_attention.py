@@ -16,8 +16,8 @@ from ._threads import blas_guard, check_num_threads, get_num_threads
 __all__ = ["attention"]
 
 INT32_MAX = 2**31 - 1       # BLAS sizes and leading dimensions are 32-bit here
-_F16, _F32 = np.dtype(np.float16), np.dtype(np.float32)
-_NATIVE_FLOATS = (_F16, _F32, np.dtype(np.float64))
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+_NATIVE_FLOATS = (_F16, _F32, _F64)
 _UNBOUNDED = 1 << 42        # a window bound that no key index reaches
 _OFFSET_LIMIT = 1 << 40     # query offsets are clipped here (beyond it nothing changes)
 BLOCK_Q = 256               # query rows per work item
@@ -299,6 +299,12 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
     query_offset + i - left <= j <= query_offset + i + right.  Rows with no visible key are 0.
     See the README and shared API contract for the full semantics.
     """
+    if (mask is None and query_offset is None and window is None and key_lengths is None
+            and scale is None and softcap is None and out is None and num_threads is None
+            and return_weights is False and (causal is False or causal is True)):
+        o = _attention_plain(query, key, value, causal)
+        if o is not None:
+            return o
     if not isinstance(return_weights, (bool, np.bool_)):
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
     c = _prepare(query, key, value, mask=mask, causal=causal, query_offset=query_offset,
@@ -341,6 +347,44 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
     return o
 
 
+def _attention_plain(q, k, v, causal):
+    """The most common call, checked in a few attribute reads: 4-D (B, H, L, D) arrays of one
+    native float32/float64 dtype, aligned, K/V C-contiguous, all sizes >= 1, no options.
+    Returns None for anything else, and the general path (which owns the errors) takes over.
+    """
+    if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+        return None
+    dt = q.dtype
+    if (dt is not _F32 and dt is not _F64) or k.dtype is not dt or v.dtype is not dt:
+        return None
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return None
+    (b, hq, lq, d), (bk, hkv, lk, dk), (bv, hv, lv, dv) = q.shape, k.shape, v.shape
+    if not (b == bk == bv and hkv == hv and lk == lv and d == dk and 0 < hkv
+            and hq % hkv == 0 and 0 < min(b, hq, lq, lk, d, dv)
+            and max(hq, lq, lk, d, dv) <= INT32_MAX):
+        return None
+    if not (q.flags.aligned and k.flags.c_contiguous and v.flags.c_contiguous):
+        return None
+    o = np.empty((b, hq, lq, dv), dt)
+    tiling, nwork = _tiling(b, hq, hkv, lq, lk, False)
+    nthreads = 1 if 2 * b * hq * lq * lk * (d + dv) < SERIAL_FLOPS \
+        else min(get_num_threads(), nwork)
+    _launch((q, k, v, o, None, None, None, None, (b,), tiling, _UNBOUNDED,
+             0 if causal else _UNBOUNDED, 1.0 / math.sqrt(d), 0.0, nthreads), tiling, d, dv)
+    return o
+
+
+def _launch(args, tiling, d, dv):
+    """The kernel call, with BLAS held to one thread where a tile GEMM could be threaded."""
+    heads, rows, bk = tiling[:3]
+    if heads * rows <= SMALL_ROWS or heads * rows * bk * max(d, dv) < BLAS_THREADED_FLOPS:
+        _kernel.attention_forward(*args)     # no tile GEMM that BLAS would thread
+    else:
+        with blas_guard:
+            _kernel.attention_forward(*args)
+
+
 def _run(c, o, weights):
     nb, hq, hkv, lq, lk, d, dv = c.sizes
     m = c.mask
@@ -349,11 +393,5 @@ def _run(c, o, weights):
     tiling, nwork = _tiling(nb, hq, hkv, lq, lk, weights is not None)
     flops = 2 * nb * hq * lq * lk * (d + dv)
     nthreads = 1 if flops < SERIAL_FLOPS else min(c.num_threads, nwork)
-    args = (c.query, _blas_ready(c.key), _blas_ready(c.value), o, m, weights, c.klen, c.qoff,
-            c.batch_shape, tiling, c.left, c.right, c.scale, c.softcap, nthreads)
-    heads, rows, bk = tiling[:3]
-    if heads * rows <= SMALL_ROWS or heads * rows * bk * max(d, dv) < BLAS_THREADED_FLOPS:
-        _kernel.attention_forward(*args)     # no tile GEMM that BLAS would thread
-    else:
-        with blas_guard:
-            _kernel.attention_forward(*args)
+    _launch((c.query, _blas_ready(c.key), _blas_ready(c.value), o, m, weights, c.klen, c.qoff,
+             c.batch_shape, tiling, c.left, c.right, c.scale, c.softcap, nthreads), tiling, d, dv)
