@@ -14,9 +14,12 @@
 #       O[rows] = acc / l    (0 where l == 0: the row saw no key)
 #
 # A row's visible keys from causal / window / key_lengths form one interval [lo, hi), so key
-# blocks outside the union of the block's intervals are never computed, and only blocks
-# that straddle an interval edge need an element-wise mask.  All sizes and strides are
-# counted in elements; a broadcast axis is a zero stride.
+# blocks outside the union of the block's intervals are never computed.  Where every row
+# sees every key the tiles are BK wide and need no element-wise mask; at the interval edges
+# (the causal diagonal, window borders) the keys go in chunks of `edge`, each computed only
+# for the rows that see some of its keys.  With at most SMALL_ROWS rows (decoding) the two
+# products stream the K/V rows once (_simd.h) instead of calling BLAS.  All sizes and
+# strides are counted in elements; a broadcast axis is a zero stride.
 
 # cython: language_level=3
 
