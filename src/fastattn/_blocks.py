@@ -682,14 +682,12 @@ def _check_stack(layers, norm, cls, name):
     return layers
 
 
-class Encoder(_Block):
-    """A stack of EncoderLayer, then an optional final LayerNorm (``torch.nn.TransformerEncoder``).
-
-    ``__call__(x, *, mask=None, key_lengths=None, causal=False)``.
-    """
+class _Stack(_Block):
+    """Layers of one type applied in turn, then an optional final LayerNorm."""
+    _layer = None                   # the layer class, set by each stack
 
     def __init__(self, layers, norm=None):
-        self.layers = _check_stack(layers, norm, EncoderLayer, "Encoder")
+        self.layers = _check_stack(layers, norm, self._layer, type(self).__name__)
         self.norm = norm
 
     @property
@@ -704,6 +702,22 @@ class Encoder(_Block):
         kids = [(f"layers.{i}", lyr) for i, lyr in enumerate(self.layers)]
         return kids + ([("norm", self.norm)] if self.norm is not None else [])
 
+    @classmethod
+    def from_torch(cls, module):
+        _require(module, "Transformer" + cls.__name__)
+        layers = [cls._layer.from_torch(lyr) for lyr in module.layers]
+        norm = LayerNorm.from_torch(module.norm) if module.norm is not None else None
+        return cls(layers, norm)
+
+
+class Encoder(_Stack):
+    """A stack of EncoderLayer, then an optional final LayerNorm (``torch.nn.TransformerEncoder``).
+
+    ``__call__(x, *, mask=None, key_lengths=None, causal=False)``.
+    """
+
+    _layer = EncoderLayer
+
     @_guarded
     def __call__(self, x, *, mask=None, key_lengths=None, causal=False):
         a, unbatched = _input(x, "x", self.d_model, self.dtype)
@@ -716,12 +730,6 @@ class Encoder(_Block):
         h = h.reshape(B, L, E)
         return h[0] if unbatched else h
 
-    @classmethod
-    def from_torch(cls, module):
-        _require(module, "TransformerEncoder")
-        layers = [EncoderLayer.from_torch(lyr) for lyr in module.layers]
-        norm = LayerNorm.from_torch(module.norm) if module.norm is not None else None
-        return cls(layers, norm)
 
 
 class DecoderCache:
@@ -841,7 +849,7 @@ def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
     return h[0] if unbatched else h
 
 
-class Decoder(_Block):
+class Decoder(_Stack):
     """A stack of DecoderLayer, then an optional final LayerNorm (``torch.nn.TransformerDecoder``).
 
     ``__call__(x, memory=None, *, causal=True, mask=None, key_lengths=None, memory_mask=None,
@@ -851,21 +859,7 @@ class Decoder(_Block):
         y = decoder(x_new, cache=cache)      # x_new (B, t, E): the next t positions
     """
 
-    def __init__(self, layers, norm=None):
-        self.layers = _check_stack(layers, norm, DecoderLayer, "Decoder")
-        self.norm = norm
-
-    @property
-    def d_model(self):
-        return self.layers[0].d_model
-
-    @property
-    def dtype(self):
-        return self.layers[0].dtype
-
-    def _children(self):
-        kids = [(f"layers.{i}", lyr) for i, lyr in enumerate(self.layers)]
-        return kids + ([("norm", self.norm)] if self.norm is not None else [])
+    _layer = DecoderLayer
 
     @_guarded
     def new_cache(self, memory, max_length, *, memory_key_lengths=None):
@@ -878,12 +872,6 @@ class Decoder(_Block):
         return _decode(self.layers, self.norm, x, memory, causal, mask, key_lengths,
                        memory_mask, memory_key_lengths, cache)
 
-    @classmethod
-    def from_torch(cls, module):
-        _require(module, "TransformerDecoder")
-        layers = [DecoderLayer.from_torch(lyr) for lyr in module.layers]
-        norm = LayerNorm.from_torch(module.norm) if module.norm is not None else None
-        return cls(layers, norm)
 
 
 class Transformer(_Block):
