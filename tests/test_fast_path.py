@@ -21,9 +21,10 @@ def test_fast_path_equals_general_path(dims, causal, dtype):
     q, k, v = _qkv(np.random.default_rng(0), *dims, dtype)
     assert _attention._attention_plain(q, k, v, causal) is not None
     fast = fastattn.attention(q, k, v, causal=causal)
-    # any explicit option sends the call down the general path
-    general = fastattn.attention(q, k, v, causal=causal, num_threads=fastattn.get_num_threads())
-    assert fast.dtype == dtype and np.array_equal(fast, general)
+    fast1 = fastattn.attention(q, k, v, causal=causal, num_threads=1)
+    # any other option (here an explicit default scale) sends the call down the general path
+    general = fastattn.attention(q, k, v, causal=causal, scale=1 / np.sqrt(dims[5]))
+    assert fast.dtype == dtype and np.array_equal(fast, general) and np.array_equal(fast1, general)
 
 
 def test_fast_path_declines_what_it_does_not_check():

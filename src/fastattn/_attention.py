@@ -300,9 +300,10 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
     See the README and shared API contract for the full semantics.
     """
     if (mask is None and query_offset is None and window is None and key_lengths is None
-            and scale is None and softcap is None and out is None and num_threads is None
+            and scale is None and softcap is None and out is None
+            and (num_threads is None or type(num_threads) is int and num_threads >= 1)
             and return_weights is False and (causal is False or causal is True)):
-        o = _attention_plain(query, key, value, causal)
+        o = _attention_plain(query, key, value, causal, num_threads)
         if o is not None:
             return o
     if not isinstance(return_weights, (bool, np.bool_)):
@@ -347,9 +348,10 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
     return o
 
 
-def _attention_plain(q, k, v, causal):
+def _attention_plain(q, k, v, causal, num_threads=None):
     """The most common call, checked in a few attribute reads: 4-D (B, H, L, D) arrays of one
-    native float32/float64 dtype, aligned, K/V C-contiguous, all sizes >= 1, no options.
+    native float32/float64 dtype, aligned, K/V C-contiguous, all sizes >= 1, no options but
+    causal and num_threads.
     Returns None for anything else, and the general path (which owns the errors) takes over.
     """
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
@@ -369,7 +371,7 @@ def _attention_plain(q, k, v, causal):
     o = np.empty((b, hq, lq, dv), dt)
     tiling, nwork = _tiling(b, hq, hkv, lq, lk, False)
     nthreads = 1 if 2 * b * hq * lq * lk * (d + dv) < SERIAL_FLOPS \
-        else min(get_num_threads(), nwork)
+        else min(num_threads or get_num_threads(), nwork)
     _launch((q, k, v, o, None, None, None, None, (b,), tiling, _UNBOUNDED,
              0 if causal else _UNBOUNDED, 1.0 / math.sqrt(d), 0.0, nthreads), tiling, d, dv)
     return o
