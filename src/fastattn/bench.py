@@ -944,7 +944,8 @@ def markdown(res, argv):
             "fastattn time from this run.  'cpu' is the lowest CPU share of the rows a "
             "criterion rests on (see the timings below): well below 1, other jobs held the "
             "cores and the figure says little about fastattn.  The encoder-layer and "
-            "greedy-decode figures of the blocks issue are not measured by this harness yet.",
+            "greedy-decode figures of the blocks issue come from `bench/bench_blocks.py` "
+            "(its own section, appended below when it has been run).",
             "", "| # | criterion | measured | cpu | met |", "|---|---|---|---|---|"]
     for t in res["targets"]:
         met_s = "(figure)" if t["met"] is None else "yes" if t["met"] else "**NO**"
