@@ -102,7 +102,7 @@ def _blas_ready(a):
 
 class _Call:
     """A checked attention call: operands in the compute dtype, sizes and visibility."""
-    __slots__ = ("query", "key", "value", "mask", "mask_full", "batch_shape", "sizes",
+    __slots__ = ("query", "key", "value", "mask", "batch_shape", "sizes",
                  "scale", "softcap", "left", "right", "qoff", "klen", "out_dtype", "dtype",
                  "num_threads", "out", "squeeze")
 
@@ -162,7 +162,7 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
 
     # mask: bool (True = attend) or additive float, broadcasting to (*batch, Hq, Lq, Lk)
     full = batch_shape + (hq, lq, lk)
-    c.mask = c.mask_full = None
+    c.mask = None
     if mask is not None:
         m = np.asarray(mask)
         if m.dtype != np.bool_ and m.dtype.kind != "f":
@@ -181,7 +181,6 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
         if m.ndim < 3:
             m = m.reshape((1,) * (3 - m.ndim) + m.shape)
         c.mask = m
-        c.mask_full = np.broadcast_to(m, full)
 
     # key_lengths -> klen (NB,), query_offset -> qoff (NB,)
     klen = qoff = None          # None: the kernel uses Lk and Lk - Lq

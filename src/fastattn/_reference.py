@@ -37,7 +37,7 @@ def reference_attention(query, key, value, *, mask=None, causal=False, query_off
         visible = (j < klen.reshape(batch + (1, 1, 1))) \
             & (j >= pos - p.left) & (j <= pos + p.right)
         if p.mask is not None:
-            m = p.mask_full
+            m = np.broadcast_to(p.mask, batch + (hq, lq, lk))
             if m.dtype == np.bool_:
                 visible = visible & m
             else:
