@@ -1,4 +1,4 @@
-# Flash-style attention kernel: BLAS tiles for Q·Kᵀ and P·V, an online softmax between them.
+# Flash-style attention kernel: tiles of Q·Kᵀ and P·V with an online softmax between them.
 #
 # Everything here runs without the GIL.  Policy (dtype promotion, broadcasting, validation,
 # block sizes, thread counts) is decided in Python (_attention.py) and handed over in a
@@ -6,20 +6,25 @@
 #
 #   for each work item (batch b, KV head, chunk of query heads, query block, KV split)  # prange
 #       Qs   = scale * Q[rows]                       pack the block's query rows (R x D)
-#       for each key block [kb, kb + n) inside the visible key range of the rows
-#           S    = Qs · K[kb:kb+n]ᵀ                   gemm, R x n
+#       for each key tile [kb, kb + n) inside the visible key range of the rows
+#           S    = Qs · K[kb:kb+n]ᵀ                   R x n
 #           per row: softcap, hide keys outside [a, e) and where the mask hides them,
 #                    m' = max(m, rowmax); P = exp(S - m'); l = l·exp(m - m') + ΣP
-#           acc  = acc·exp(m - m') + P · V[kb:kb+n]   gemm, R x Dv
+#           acc  = acc·exp(m - m') + P · V[kb:kb+n]   R x Dv
 #       O[rows] = acc / l    (0 where l == 0: the row saw no key)
 #
 # A row's visible keys from causal / window / key_lengths form one interval [lo, hi), so key
-# blocks outside the union of the block's intervals are never computed.  Where every row
-# sees every key the tiles are BK wide and need no element-wise mask; at the interval edges
-# (the causal diagonal, window borders) the keys go in chunks of `edge`, each computed only
-# for the rows that see some of its keys.  With at most SMALL_ROWS rows (decoding) the two
-# products stream the K/V rows once (_simd.h) instead of calling BLAS.  All sizes and
-# strides are counted in elements; a broadcast axis is a zero stride.
+# tiles outside the union of the block's intervals are never computed.  Two ways to walk a
+# work item:
+# - item_panels (AVX2/FMA at run time): each key tile's K and V are packed once for a
+#   register-blocked micro-kernel (_gemm.h); the rows go in panels of PANEL_ROWS, and a panel
+#   runs Q·Kᵀ, the softmax and P·V over only the keys its rows see, with its scores in L1.
+#   On the causal diagonal and at window edges the work follows the visible pairs.
+# - item_chunks (no AVX2, or at most SMALL_ROWS float32 rows): BLAS tiles, BK keys wide where
+#   every row sees every key, chunks of `edge` keys at the interval edges computed only for
+#   the rows that see some of their keys.  With at most SMALL_ROWS rows (decoding) the two
+#   products stream the K/V rows once (_simd.h) instead of calling BLAS.
+# All sizes and strides are counted in elements; a broadcast axis is a zero stride.
 
 # cython: language_level=3
 
@@ -50,6 +55,23 @@ cdef extern from "_simd.h" nogil:
     int fa_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
     int fa_float_to_half(const float *src, uint16_t *dst, Py_ssize_t n)
 
+cdef extern from "_gemm.h" nogil:
+    int fa_gemm_ok
+    int FA_NR_F32
+    int FA_NR_F64
+    Py_ssize_t FA_PACKED_SIZE(Py_ssize_t n, Py_ssize_t k, Py_ssize_t nr)
+    void fa_gemm_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *A, Py_ssize_t lda,
+                     const float *Bp, Py_ssize_t kp, float *C, Py_ssize_t ldc, int accumulate)
+    void fa_gemm_f64(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const double *A,
+                     Py_ssize_t lda, const double *Bp, Py_ssize_t kp, double *C, Py_ssize_t ldc,
+                     int accumulate)
+    void fa_pack_t_f32(const float *X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t k, float *Bp)
+    void fa_pack_t_f64(const double *X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t k,
+                       double *Bp)
+    int fa_pack_n_f32(const float *X, Py_ssize_t ldx, Py_ssize_t k, Py_ssize_t n, float *Bp)
+    int fa_pack_n_f64(const double *X, Py_ssize_t ldx, Py_ssize_t k, Py_ssize_t n,
+                      double *Bp)
+
 cdef extern from "_blasctl.h" nogil:
     const char *fa_blas_init(void *gemm_symbol)
     int fa_blas_set_global(int n)
@@ -71,6 +93,7 @@ cdef extern from *:
 
 cdef enum:
     SMALL_ROWS = 8    # at most this many rows: stream K/V rows (decode) instead of a GEMM
+    PANEL_ROWS = 12   # rows per pass of the micro-kernel path (a multiple of its 6-row block)
 
 cdef enum BlasTrans:
     NoTrans = 110  # 'n'
@@ -118,6 +141,36 @@ cdef inline void gemm(char ta, char tb, int m, int n, int k, floating alpha,
         dgemm(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc)
 
 
+cdef inline void gemm_packed(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a,
+                             Py_ssize_t lda, const floating *bp, Py_ssize_t kp, floating *c,
+                             Py_ssize_t ldc, int accumulate) noexcept nogil:
+    """C (m x n, row-major) := A (m x k, row-major) · B, or C += A · B; B packed in panels
+    of kp rows (_gemm.h)."""
+    if floating is float:
+        fa_gemm_f32(m, n, k, a, lda, bp, kp, c, ldc, accumulate)
+    else:
+        fa_gemm_f64(m, n, k, a, lda, bp, kp, c, ldc, accumulate)
+
+
+cdef inline void pack_t(const floating *x, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t k,
+                        floating *bp) noexcept nogil:
+    """bp := the packed panels of xᵀ, x being n rows of k (the keys of a tile)."""
+    if floating is float:
+        fa_pack_t_f32(x, ldx, n, k, bp)
+    else:
+        fa_pack_t_f64(x, ldx, n, k, bp)
+
+
+cdef inline bint pack_n(const floating *x, Py_ssize_t ldx, Py_ssize_t k, Py_ssize_t n,
+                        floating *bp) noexcept nogil:
+    """bp := the packed panels of x, k rows of n (the values of a tile); True when every
+    element is finite."""
+    if floating is float:
+        return fa_pack_n_f32(x, ldx, k, n, bp)
+    else:
+        return fa_pack_n_f64(x, ldx, k, n, bp)
+
+
 cdef inline floating row_max(const floating *x, Py_ssize_t n) noexcept nogil:
     if floating is float:
         return fa_max_f32(x, n)
@@ -151,70 +204,108 @@ cdef inline bint tile_finite(const floating *v, Py_ssize_t n, Py_ssize_t dv,
     return True
 
 
-cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexcept nogil:
-    """One work item: a block of query rows of one batch item against a range of keys."""
-    cdef Py_ssize_t D = P.d, Dv = P.dv, BK = P.bk, G = P.group
-    cdef Py_ssize_t split = w % P.n_splits
-    w //= P.n_splits
-    # the heaviest query blocks (largest causal prefix) first, for dynamic scheduling
-    cdef Py_ssize_t qb = P.n_qblocks - 1 - w % P.n_qblocks
-    w //= P.n_qblocks
-    cdef Py_ssize_t hc = w % P.n_hchunks
-    w //= P.n_hchunks
-    cdef Py_ssize_t hk = w % P.hkv
-    cdef Py_ssize_t b = w // P.hkv
+cdef void pv_visible(const floating *S, Py_ssize_t lds, Py_ssize_t ra, Py_ssize_t rb,
+                     Py_ssize_t n, const floating *v, Py_ssize_t ldv, Py_ssize_t Dv,
+                     floating *acc) noexcept nogil:
+    """acc[r] += Σ_j S[r, j] V[j] over the terms with S[r, j] != 0 only, for rows [ra, rb):
+    a hidden key's non-finite V row must not turn 0 · inf into NaN."""
+    cdef Py_ssize_t r, j, c
+    for r in range(ra, rb):
+        for j in range(n):
+            if S[r * lds + j] != 0:
+                for c in range(Dv):
+                    acc[r * Dv + c] += S[r * lds + j] * v[j * ldv + c]
 
-    cdef Py_ssize_t h0 = hk * G + hc * P.heads
-    cdef Py_ssize_t nh = min(P.heads, G - hc * P.heads)
-    cdef Py_ssize_t i0 = qb * P.rows
-    cdef Py_ssize_t ni = min(P.rows, P.lq - i0)
-    cdef Py_ssize_t R = nh * ni
-    cdef int64_t kl = P.klen[b], off = P.qoff[b]
 
-    # scratch: Qs (R x D) | S (R x BK) | acc (R x Dv) | m (R) | l (R)
-    cdef floating *Qs = scratch
-    cdef floating *S = Qs + P.heads * P.rows * D
-    cdef floating *acc = S + P.heads * P.rows * BK
-    cdef floating *mrow = acc + P.heads * P.rows * Dv
-    cdef floating *lrow = mrow + P.heads * P.rows
+cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t i0,
+                          Py_ssize_t ni, Py_ssize_t nh, int64_t off, int64_t kl, Py_ssize_t kb,
+                          Py_ssize_t n, Py_ssize_t ra, Py_ssize_t rb, floating *S,
+                          Py_ssize_t lds, floating *acc, floating *mrow,
+                          floating *lrow) noexcept nogil:
+    """Rows [ra, rb) of a score tile (keys kb..kb+n; row r at S + (r - ra) lds) become
+    probabilities.
 
-    # union of the rows' visible key intervals, intersected with this split's range
-    cdef Py_ssize_t lo = clamp(off + i0 - P.left, 0, kl)
-    cdef Py_ssize_t hi = clamp(off + i0 + ni - 1 + P.right + 1, lo, kl)
-    if P.n_splits > 1:
-        lo = max(lo, split * P.split_len)
-        hi = min(hi, (split + 1) * P.split_len)
-
-    cdef floating *q = <floating *>P.q + P.q_boff[b]
-    cdef floating *kbase = <floating *>P.k + P.k_boff[b] + hk * P.k_sh
-    cdef floating *vbase = <floating *>P.v + P.v_boff[b] + hk * P.v_sh
-    cdef floating *wbase = NULL
-    cdef floating *row
-    cdef floating *src
-    cdef uint8_t *mb = NULL
-    cdef floating *mf = NULL
-    cdef floating mx, m_new, alpha, total, inv = 0, cap = <floating>P.softcap
-    cdef floating scale = <floating>P.scale
-    cdef floating ninf = -INFINITY
-    cdef Py_ssize_t r, c, j, h, i, kb, n, a, e, lds = BK
+    Per row: softcap, keys outside the row's visible interval [a, e) and where the mask hides
+    them go to -inf, the weights output gets the scores, then the online-softmax update:
+    m' = max(m, rowmax), P = exp(S - m') in place (0 at hidden keys), l = l·exp(m - m') + ΣP,
+    acc rescaled by exp(m - m').  Returns True when some key of the tile is hidden from some
+    row: the P·V product must then guard against non-finite V rows at those keys.
+    """
+    cdef Py_ssize_t Dv = P.dv, r, c, j, h, i, a, e
     cdef int64_t pos
-    cdef bint partial
-
-    for r in range(R):
-        h = h0 + r // ni
-        i = i0 + r % ni
-        src = q + h * P.q_sh + i * P.q_sl
-        for c in range(D):
-            Qs[r * D + c] = scale * src[c * P.q_sd]
-        mrow[r] = ninf
-        lrow[r] = 0
+    cdef floating *row
+    cdef floating *wbase
+    cdef uint8_t *mb
+    cdef floating *mf
+    cdef floating mx, m_new, alpha, total, cap = <floating>P.softcap
+    cdef floating ninf = -INFINITY
+    cdef bint partial = P.mask != NULL
+    for r in range(ra, rb):
+        if nh == 1:             # the common case, without two divisions a row
+            h = h0
+            i = i0 + r
+        else:
+            h = h0 + r // ni
+            i = i0 + r % ni
+        pos = off + i
+        row = S + (r - ra) * lds
+        a = clamp(pos - P.left - kb, 0, n)
+        e = clamp(pos + P.right + 1 - kb, a, n)
+        e = clamp(kl - kb, a, e)
+        if a > 0 or e < n:
+            partial = True
+        if cap > 0:
+            for j in range(a, e):
+                row[j] = cap * tanh(row[j] / cap)
+        if P.mask != NULL:
+            if P.mask_is_bool:
+                mb = <uint8_t *>P.mask + P.m_boff[b] + h * P.m_sh + i * P.m_sl + kb * P.m_sk
+                for j in range(a, e):
+                    if mb[j * P.m_sk] == 0:
+                        row[j] = ninf
+            else:
+                mf = <floating *>P.mask + P.m_boff[b] + h * P.m_sh + i * P.m_sl + kb * P.m_sk
+                for j in range(a, e):
+                    if mf[j * P.m_sk] == ninf:
+                        row[j] = ninf
+                    else:
+                        row[j] = row[j] + mf[j * P.m_sk]
         if P.w != NULL:
-            # hidden keys in [lo, hi) that no chunk visits must still come out as 0
-            wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk
-            for j in range(lo, hi):
-                wbase[j] = ninf
-    memset(acc, 0, R * Dv * sizeof(floating))
+            wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk + kb
+            for j in range(n):
+                wbase[j] = row[j] if a <= j < e else ninf
+        mx = row_max(row + a, e - a)
+        if mx == ninf:
+            # nothing visible here, unless a NaN score hides from the max
+            for j in range(a, e):
+                if isnan(row[j]):
+                    mx = row[j]
+            if mx == ninf:
+                memset(row, 0, n * sizeof(floating))
+                continue
+        m_new = mx if (mx > mrow[r] or isnan(mx)) else mrow[r]
+        alpha = exp(mrow[r] - m_new) if mrow[r] != ninf else 0
+        memset(row, 0, a * sizeof(floating))
+        memset(row + e, 0, (n - e) * sizeof(floating))
+        total = row_expsum(row + a, e - a, m_new)
+        lrow[r] = lrow[r] * alpha + total
+        if alpha != 1:
+            for c in range(Dv):
+                acc[r * Dv + c] *= alpha
+        mrow[r] = m_new
+    return partial
 
+
+cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t i0,
+                      Py_ssize_t ni, Py_ssize_t nh, int64_t off, int64_t kl, Py_ssize_t lo,
+                      Py_ssize_t hi, floating *kbase, floating *vbase, floating *Qs,
+                      floating *S, floating *acc, floating *mrow,
+                      floating *lrow) noexcept nogil:
+    """Keys [lo, hi) of a work item in chunks, the products by BLAS (or, with at most
+    SMALL_ROWS rows, by the streaming kernels of _simd.h)."""
+    cdef Py_ssize_t D = P.d, Dv = P.dv, BK = P.bk, R = nh * ni, lds = P.bk
+    cdef Py_ssize_t kb, n
+    cdef bint partial
     # Inside [full_lo, full_hi) every row sees every key: big tiles, no edge masks.  Outside
     # it (the causal diagonal, the window edges) small key chunks, each computed only for
     # the rows that see any of its keys: a contiguous range when the rows are consecutive
@@ -252,60 +343,8 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
         else:
             gemm(Trans, NoTrans, <int>n, <int>rn, <int>D, <floating>1, kblk,
                  <int>P.k_sl, Qs + ra * D, <int>D, <floating>0, S + ra * lds, <int>lds)
-        partial = P.mask != NULL
-        for r in range(ra, rb):
-            if nh == 1:             # the common case, without two divisions a row
-                h = h0
-                i = i0 + r
-            else:
-                h = h0 + r // ni
-                i = i0 + r % ni
-            pos = off + i
-            row = S + r * lds
-            a = clamp(pos - P.left - kb, 0, n)
-            e = clamp(pos + P.right + 1 - kb, a, n)
-            e = clamp(kl - kb, a, e)
-            if a > 0 or e < n:
-                partial = True
-            if cap > 0:
-                for j in range(a, e):
-                    row[j] = cap * tanh(row[j] / cap)
-            if P.mask != NULL:
-                if P.mask_is_bool:
-                    mb = <uint8_t *>P.mask + P.m_boff[b] + h * P.m_sh + i * P.m_sl + kb * P.m_sk
-                    for j in range(a, e):
-                        if mb[j * P.m_sk] == 0:
-                            row[j] = ninf
-                else:
-                    mf = <floating *>P.mask + P.m_boff[b] + h * P.m_sh + i * P.m_sl + kb * P.m_sk
-                    for j in range(a, e):
-                        if mf[j * P.m_sk] == ninf:
-                            row[j] = ninf
-                        else:
-                            row[j] = row[j] + mf[j * P.m_sk]
-            if P.w != NULL:
-                wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk + kb
-                for j in range(n):
-                    wbase[j] = row[j] if a <= j < e else ninf
-            mx = row_max(row + a, e - a)
-            if mx == ninf:
-                # nothing visible here, unless a NaN score hides from the max
-                for j in range(a, e):
-                    if isnan(row[j]):
-                        mx = row[j]
-                if mx == ninf:
-                    memset(row, 0, n * sizeof(floating))
-                    continue
-            m_new = mx if (mx > mrow[r] or isnan(mx)) else mrow[r]
-            alpha = exp(mrow[r] - m_new) if mrow[r] != ninf else 0
-            memset(row, 0, a * sizeof(floating))
-            memset(row + e, 0, (n - e) * sizeof(floating))
-            total = row_expsum(row + a, e - a, m_new)
-            lrow[r] = lrow[r] * alpha + total
-            if alpha != 1:
-                for c in range(Dv):
-                    acc[r * Dv + c] *= alpha
-            mrow[r] = m_new
+        partial = scores_to_probs(P, b, h0, i0, ni, nh, off, kl, kb, n, ra, rb, S + ra * lds,
+                                  lds, acc, mrow, lrow)
         # acc (R x Dv, row-major) += P · V_blk, i.e. column-major accᵀ += V_blkᵀ · Pᵀ.
         # A hidden key has P = 0, but 0 * inf = NaN: where such a key's V row is not finite,
         # add only the visible terms.
@@ -317,12 +356,139 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
             gemm(NoTrans, NoTrans, <int>Dv, <int>rn, <int>n, <floating>1, vblk,
                  <int>P.v_sl, S + ra * lds, <int>lds, <floating>1, acc + ra * Dv, <int>Dv)
         else:
-            for r in range(ra, rb):
-                for j in range(n):
-                    if S[r * lds + j] != 0:
-                        for c in range(Dv):
-                            acc[r * Dv + c] += S[r * lds + j] * vblk[j * P.v_sl + c]
+            pv_visible(S, lds, ra, rb, n, vblk, P.v_sl, Dv, acc)
         kb += n
+
+
+
+cdef void item_panels(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t i0,
+                      Py_ssize_t ni, Py_ssize_t nh, int64_t off, int64_t kl, Py_ssize_t lo,
+                      Py_ssize_t hi, floating *kbase, floating *vbase, floating *Qs,
+                      floating *S, floating *acc, floating *mrow, floating *lrow,
+                      floating *Kp, floating *Vp) noexcept nogil:
+    """Keys [lo, hi) of a work item in tiles of BK, each tile's K and V packed once for the
+    micro-kernel (_gemm.h); the rows in panels of PANEL_ROWS.  A panel computes only the
+    keys some row of it sees (from the first packed column panel holding one), so on the
+    causal diagonal and at window edges the work follows the visible pairs; its scores stay
+    in L1 from Q·Kᵀ through the softmax to P·V."""
+    cdef Py_ssize_t D = P.d, Dv = P.dv, R = nh * ni, lds = P.bk
+    cdef Py_ssize_t NR = FA_NR_F32 if floating is float else FA_NR_F64
+    cdef Py_ssize_t kb, n, r0, r1, r, pa, pe
+    cdef int64_t pmin, pmax, pos
+    cdef floating *kblk
+    cdef floating *vblk
+    cdef bint vfinite, partial
+    kb = lo
+    while kb < hi:
+        n = min(P.bk, hi - kb)
+        kblk = kbase + kb * P.k_sl
+        vblk = vbase + kb * P.v_sl
+        if D > 0:
+            pack_t(kblk, P.k_sl, n, D, Kp)
+        vfinite = Dv > 0 and pack_n(vblk, P.v_sl, n, Dv, Vp)
+        r0 = 0
+        while r0 < R:
+            r1 = min(r0 + PANEL_ROWS, R)
+            # the keys of this tile that some row of the panel sees: [pa, pe)
+            if nh == 1:
+                pmin = off + i0 + r0
+                pmax = off + i0 + r1 - 1
+            else:
+                pmin = pmax = off + i0 + r0 % ni
+                for r in range(r0 + 1, r1):
+                    pos = off + i0 + r % ni
+                    pmin = min(pmin, pos)
+                    pmax = max(pmax, pos)
+            pa = clamp(pmin - P.left - kb, 0, n)
+            pe = clamp(pmax + P.right + 1 - kb, pa, n)
+            pe = clamp(kl - kb, pa, pe)
+            if pe > pa:
+                pa -= pa % NR
+                if D == 0:
+                    memset(S, 0, (r1 - r0) * lds * sizeof(floating))
+                else:
+                    gemm_packed(r1 - r0, pe - pa, D, Qs + r0 * D, D, Kp + pa * D, D, S + pa, lds, 0)
+                partial = scores_to_probs(P, b, h0, i0, ni, nh, off, kl, kb + pa, pe - pa, r0, r1,
+                                          S + pa, lds, acc, mrow, lrow)
+                if Dv == 0:
+                    pass
+                elif not partial or vfinite:
+                    gemm_packed(r1 - r0, Dv, pe - pa, S + pa, lds, Vp + pa * NR, n,
+                                acc + r0 * Dv, Dv, 1)
+                else:
+                    pv_visible(S + pa, lds, 0, r1 - r0, pe - pa, vblk + pa * P.v_sl, P.v_sl, Dv,
+                               acc + r0 * Dv)
+            r0 = r1
+        kb += n
+
+
+cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexcept nogil:
+    """One work item: a block of query rows of one batch item against a range of keys."""
+    cdef Py_ssize_t D = P.d, Dv = P.dv, BK = P.bk, G = P.group
+    cdef Py_ssize_t split = w % P.n_splits
+    w //= P.n_splits
+    # the heaviest query blocks (largest causal prefix) first, for dynamic scheduling
+    cdef Py_ssize_t qb = P.n_qblocks - 1 - w % P.n_qblocks
+    w //= P.n_qblocks
+    cdef Py_ssize_t hc = w % P.n_hchunks
+    w //= P.n_hchunks
+    cdef Py_ssize_t hk = w % P.hkv
+    cdef Py_ssize_t b = w // P.hkv
+
+    cdef Py_ssize_t h0 = hk * G + hc * P.heads
+    cdef Py_ssize_t nh = min(P.heads, G - hc * P.heads)
+    cdef Py_ssize_t i0 = qb * P.rows
+    cdef Py_ssize_t ni = min(P.rows, P.lq - i0)
+    cdef Py_ssize_t R = nh * ni
+    cdef int64_t kl = P.klen[b], off = P.qoff[b]
+
+    # scratch: Qs (R x D) | S (R x BK) | acc (R x Dv) | m (R) | l (R) | K, V tiles packed
+    cdef floating *Qs = scratch
+    cdef floating *S = Qs + P.heads * P.rows * D
+    cdef floating *acc = S + P.heads * P.rows * BK
+    cdef floating *mrow = acc + P.heads * P.rows * Dv
+    cdef floating *lrow = mrow + P.heads * P.rows
+    cdef floating *Kp = lrow + P.heads * P.rows
+    cdef floating *Vp = Kp + FA_PACKED_SIZE(BK, D, FA_NR_F32)
+
+    # union of the rows' visible key intervals, intersected with this split's range
+    cdef Py_ssize_t lo = clamp(off + i0 - P.left, 0, kl)
+    cdef Py_ssize_t hi = clamp(off + i0 + ni - 1 + P.right + 1, lo, kl)
+    if P.n_splits > 1:
+        lo = max(lo, split * P.split_len)
+        hi = min(hi, (split + 1) * P.split_len)
+
+    cdef floating *q = <floating *>P.q + P.q_boff[b]
+    cdef floating *kbase = <floating *>P.k + P.k_boff[b] + hk * P.k_sh
+    cdef floating *vbase = <floating *>P.v + P.v_boff[b] + hk * P.v_sh
+    cdef floating *wbase = NULL
+    cdef floating *src
+    cdef floating inv = 0
+    cdef floating scale = <floating>P.scale
+    cdef floating ninf = -INFINITY
+    cdef Py_ssize_t r, c, j, h, i
+
+    for r in range(R):
+        h = h0 + r // ni
+        i = i0 + r % ni
+        src = q + h * P.q_sh + i * P.q_sl
+        for c in range(D):
+            Qs[r * D + c] = scale * src[c * P.q_sd]
+        mrow[r] = ninf
+        lrow[r] = 0
+        if P.w != NULL:
+            # hidden keys in [lo, hi) that no chunk visits must still come out as 0
+            wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk
+            for j in range(lo, hi):
+                wbase[j] = ninf
+    memset(acc, 0, R * Dv * sizeof(floating))
+
+    if fa_gemm_ok and not (floating is float and R <= SMALL_ROWS):
+        item_panels(P, b, h0, i0, ni, nh, off, kl, lo, hi, kbase, vbase, Qs, S, acc, mrow, lrow,
+                    Kp, Vp)
+    else:
+        item_chunks(P, b, h0, i0, ni, nh, off, kl, lo, hi, kbase, vbase, Qs, S, acc, mrow,
+                    lrow)
 
     cdef floating *o
     for r in range(R):
@@ -381,7 +547,8 @@ cdef void run(Problem *P, Py_ssize_t nwork, Py_ssize_t nrows, int nthreads,
               floating dummy) noexcept nogil:
     cdef Py_ssize_t w, t
     cdef Py_ssize_t tile = P.heads * P.rows
-    cdef size_t nscratch = tile * (P.d + P.bk + P.dv + 2)
+    cdef size_t nscratch = (tile * (P.d + P.bk + P.dv + 2) + FA_PACKED_SIZE(P.bk, P.d, FA_NR_F32)
+                            + FA_PACKED_SIZE(P.dv, P.bk, FA_NR_F32))
     cdef floating *scratch
     if nthreads <= 1 or nwork <= 1:
         scratch = <floating *>fa_scratch(nscratch * sizeof(floating))

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "_vecmath.h"
+#include "_gemm.h"
 
 typedef float (*fa_max_f32_t)(const float *x, ptrdiff_t n);
 typedef double (*fa_max_f64_t)(const double *x, ptrdiff_t n);
@@ -151,10 +152,12 @@ FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
     return _mm_cvtsd_f64(h);
 }
 /* Streaming rows from memory: fetch every cache line of the row FA_PREFETCH_ROWS ahead. */
+#ifndef FA_PREFETCH_ROWS
 #define FA_PREFETCH_ROWS 8
+#endif
 static inline void fa_prefetch_row(const float *X, ptrdiff_t ld, ptrdiff_t n, ptrdiff_t j,
                                    ptrdiff_t width) {
-    if (j >= n) return;
+    if (FA_PREFETCH_ROWS == 0 || j >= n) return;
     const char *p = (const char *)(X + j * ld);
     for (ptrdiff_t b = 0; b < width * (ptrdiff_t)sizeof(float); b += 64)
         _mm_prefetch(p + b, _MM_HINT_T0);
@@ -300,6 +303,7 @@ static const char *fa_simd_init(int use_simd) {
     fa_pv_f32 = fa_pv_f32_scalar;
     fa_simd_name = "scalar";
     fa_have_f16c = 0;
+    fa_gemm_ok = 0;
 #ifdef FA_HAVE_X86
     if (use_simd) {
         __builtin_cpu_init();
@@ -311,6 +315,7 @@ static const char *fa_simd_init(int use_simd) {
             fa_expsum_f64 = fa_expsum_f64_avx2;
             fa_qk_f32 = fa_qk_f32_avx2;
             fa_pv_f32 = fa_pv_f32_avx2;
+            fa_gemm_ok = 1;
             fa_simd_name = "avx2+fma";
         }
     }

@@ -1,0 +1,203 @@
+/* The attention tiles' two products with a register-blocked AVX2/FMA micro-kernel, for
+ * shapes where a BLAS call loses to its own packing: Q·Kᵀ has the head dimension (64, 128)
+ * as its inner size, and every tile is packed again by the BLAS on each call.
+ *
+ *   C (m x n, row stride ldc) := A · B      or  C += A · B       (accumulate)
+ *
+ * A is m x k, row-major with row stride lda, read in place (six rows at a time, one element
+ * of each broadcast per step).  B is k x n, packed beforehand into panels of FA_NR columns:
+ * panel p holds columns [p NR, p NR + NR) as kp >= k consecutive rows of NR elements, zero
+ * past n (so rows [k0, k0 + k) of a packed B are Bp + k0 NR with the same kp).
+ *   fa_pack_t:  B = Xᵀ for X (n x k, row stride ldx): the keys of Q·Kᵀ
+ *   fa_pack_n:  B = X  for X (k x n, row stride ldx): the values of P·V; returns 1 when
+ *               every element is finite
+ * The micro-kernel keeps a 6 x NR block of C in twelve registers over the whole k loop, so
+ * each B element loaded feeds 6 FMAs and each A element 2 vector FMAs.  Rows and columns
+ * past m, n are computed on duplicated / zero inputs and never stored.
+ *
+ * The sums run over k in order, one FMA each: the same inputs give bitwise the same C on
+ * every thread count.  x86-64 only; elsewhere (and without AVX2/FMA at run time) the kernel
+ * calls the BLAS instead (fa_gemm_ok == 0).
+ */
+#ifndef FASTATTN_GEMM_H
+#define FASTATTN_GEMM_H
+
+#include <stddef.h>
+#include <string.h>
+
+#include "_vecmath.h"
+
+#define FA_MR 6
+#define FA_NR_F32 16
+#define FA_NR_F64 8
+
+/* elements of scratch a packed operand of n columns (rounded up to panels) and k rows needs */
+#define FA_PACKED_SIZE(n, k, nr) ((((n) + (nr) - 1) / (nr)) * (nr) * (k))
+
+static int fa_gemm_ok = 0;
+
+#ifdef FA_HAVE_X86
+
+/* One generator for both dtypes: V is the vector type, W its width, NR = 2 W. */
+#define FA_GEMM_DEFINE(SUF, T, V, W, LOADU, STOREU, SET1, ZERO, FMADD, ADD)                   \
+FA_AVX2 static void fa_ukr_##SUF(ptrdiff_t k, const T *A, ptrdiff_t lda, ptrdiff_t mr,       \
+                                 const T *B, T *C, ptrdiff_t ldc, ptrdiff_t nr,              \
+                                 int accumulate) {                                           \
+    const T *a0 = A;                                                                         \
+    const T *a1 = A + (mr > 1 ? 1 : 0) * lda;                                                \
+    const T *a2 = A + (mr > 2 ? 2 : 0) * lda;                                                \
+    const T *a3 = A + (mr > 3 ? 3 : 0) * lda;                                                \
+    const T *a4 = A + (mr > 4 ? 4 : 0) * lda;                                                \
+    const T *a5 = A + (mr > 5 ? 5 : 0) * lda;                                                \
+    V c00 = ZERO(), c01 = ZERO(), c10 = ZERO(), c11 = ZERO(), c20 = ZERO(), c21 = ZERO();    \
+    V c30 = ZERO(), c31 = ZERO(), c40 = ZERO(), c41 = ZERO(), c50 = ZERO(), c51 = ZERO();    \
+    for (ptrdiff_t p = 0; p < k; p++) {                                                      \
+        V b0 = LOADU(B + p * 2 * W), b1 = LOADU(B + p * 2 * W + W), t;                       \
+        t = SET1(a0[p]); c00 = FMADD(t, b0, c00); c01 = FMADD(t, b1, c01);                   \
+        t = SET1(a1[p]); c10 = FMADD(t, b0, c10); c11 = FMADD(t, b1, c11);                   \
+        t = SET1(a2[p]); c20 = FMADD(t, b0, c20); c21 = FMADD(t, b1, c21);                   \
+        t = SET1(a3[p]); c30 = FMADD(t, b0, c30); c31 = FMADD(t, b1, c31);                   \
+        t = SET1(a4[p]); c40 = FMADD(t, b0, c40); c41 = FMADD(t, b1, c41);                   \
+        t = SET1(a5[p]); c50 = FMADD(t, b0, c50); c51 = FMADD(t, b1, c51);                   \
+    }                                                                                        \
+    V c[FA_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},                                     \
+                     {c30, c31}, {c40, c41}, {c50, c51}};                                    \
+    if (nr == 2 * W) {                                                                       \
+        for (ptrdiff_t i = 0; i < mr; i++) {                                                 \
+            T *ci = C + i * ldc;                                                             \
+            if (accumulate) {                                                                \
+                c[i][0] = ADD(c[i][0], LOADU(ci));                                           \
+                c[i][1] = ADD(c[i][1], LOADU(ci + W));                                       \
+            }                                                                                \
+            STOREU(ci, c[i][0]);                                                             \
+            STOREU(ci + W, c[i][1]);                                                         \
+        }                                                                                    \
+    } else {                                                                                 \
+        T tmp[2 * W];                                                                        \
+        for (ptrdiff_t i = 0; i < mr; i++) {                                                 \
+            T *ci = C + i * ldc;                                                             \
+            STOREU(tmp, c[i][0]);                                                            \
+            STOREU(tmp + W, c[i][1]);                                                        \
+            for (ptrdiff_t j = 0; j < nr; j++)                                               \
+                ci[j] = accumulate ? tmp[j] + ci[j] : tmp[j];                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* C (m x n) (+)= A (m x k) · B (packed, kp rows a panel); column panels outer, so one      \
+ * panel of B (k x NR) stays in L1 while the row blocks of A stream past it. */              \
+FA_AVX2 static void fa_gemm_##SUF(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *A,         \
+                                  ptrdiff_t lda, const T *Bp, ptrdiff_t kp, T *C,            \
+                                  ptrdiff_t ldc, int accumulate) {                           \
+    for (ptrdiff_t j = 0; j < n; j += 2 * W) {                                               \
+        const T *bp = Bp + (j / (2 * W)) * kp * 2 * W;                                       \
+        ptrdiff_t nr = n - j < 2 * W ? n - j : 2 * W;                                        \
+        for (ptrdiff_t i = 0; i < m; i += FA_MR)                                             \
+            fa_ukr_##SUF(k, A + i * lda, lda, m - i < FA_MR ? m - i : FA_MR, bp,             \
+                         C + i * ldc + j, ldc, nr, accumulate);                              \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* Bp := the panels of X (k x n, row stride ldx): contiguous row pieces, zero past n.        \
+ * Returns 1 when every element of X is finite (v - v is 0 only for finite v). */            \
+static int fa_pack_n_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t k, ptrdiff_t n, T *Bp) {    \
+    int finite = 1;                                                                          \
+    for (ptrdiff_t j = 0; j < n; j += 2 * W) {                                               \
+        ptrdiff_t nr = n - j < 2 * W ? n - j : 2 * W;                                        \
+        T *bp = Bp + (j / (2 * W)) * k * 2 * W;                                              \
+        for (ptrdiff_t p = 0; p < k; p++) {                                                  \
+            const T *x = X + p * ldx + j;                                                    \
+            T *d = bp + p * 2 * W;                                                           \
+            for (ptrdiff_t t = 0; t < nr; t++) {                                             \
+                T v = x[t];                                                                  \
+                d[t] = v;                                                                    \
+                finite &= (v - v == 0);                                                      \
+            }                                                                                \
+            for (ptrdiff_t t = nr; t < 2 * W; t++) d[t] = 0;                                 \
+        }                                                                                    \
+    }                                                                                        \
+    return finite;                                                                           \
+}                                                                                            \
+                                                                                             \
+/* Bp := the panels of Xᵀ for X (n x k, row stride ldx): row r of X becomes column r */      \
+static void fa_pack_t_##SUF##_plain(const T *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,     \
+                                    T *Bp) {                                                 \
+    for (ptrdiff_t j = 0; j < n; j += 2 * W) {                                               \
+        ptrdiff_t nr = n - j < 2 * W ? n - j : 2 * W;                                        \
+        T *bp = Bp + (j / (2 * W)) * k * 2 * W;                                              \
+        for (ptrdiff_t t = 0; t < nr; t++) {                                                 \
+            const T *x = X + (j + t) * ldx;                                                  \
+            for (ptrdiff_t p = 0; p < k; p++) bp[p * 2 * W + t] = x[p];                      \
+        }                                                                                    \
+        for (ptrdiff_t t = nr; t < 2 * W; t++)                                               \
+            for (ptrdiff_t p = 0; p < k; p++) bp[p * 2 * W + t] = 0;                         \
+    }                                                                                        \
+}
+
+FA_GEMM_DEFINE(f32, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
+               _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_add_ps)
+FA_GEMM_DEFINE(f64, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
+               _mm256_setzero_pd, _mm256_fmadd_pd, _mm256_add_pd)
+
+/* fa_pack_t for float32: full panels of 16 rows as 8 x 8 register transposes */
+FA_AVX2 static void fa_pack_t_f32(const float *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,
+                                  float *Bp) {
+    ptrdiff_t nfull = n / 16 * 16, k8 = k / 8 * 8;
+    for (ptrdiff_t j = 0; j < nfull; j += 16) {
+        float *bp = Bp + (j / 16) * k * 16;
+        for (ptrdiff_t half = 0; half < 16; half += 8) {
+            const float *x = X + (j + half) * ldx;
+            for (ptrdiff_t p = 0; p < k8; p += 8) {
+                __m256 r0 = _mm256_loadu_ps(x + p), r1 = _mm256_loadu_ps(x + ldx + p);
+                __m256 r2 = _mm256_loadu_ps(x + 2 * ldx + p), r3 = _mm256_loadu_ps(x + 3 * ldx + p);
+                __m256 r4 = _mm256_loadu_ps(x + 4 * ldx + p), r5 = _mm256_loadu_ps(x + 5 * ldx + p);
+                __m256 r6 = _mm256_loadu_ps(x + 6 * ldx + p), r7 = _mm256_loadu_ps(x + 7 * ldx + p);
+                __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+                __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+                __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+                __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+                __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+                __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+                __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+                __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+                float *d = bp + p * 16 + half;
+                _mm256_storeu_ps(d + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
+                _mm256_storeu_ps(d + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
+                _mm256_storeu_ps(d + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
+                _mm256_storeu_ps(d + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
+                _mm256_storeu_ps(d + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
+                _mm256_storeu_ps(d + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
+                _mm256_storeu_ps(d + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
+                _mm256_storeu_ps(d + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
+            }
+            for (ptrdiff_t t = 0; t < 8; t++)             /* columns past the last 8 */
+                for (ptrdiff_t p = k8; p < k; p++) bp[p * 16 + half + t] = x[t * ldx + p];
+        }
+    }
+    if (nfull < n)
+        fa_pack_t_f32_plain(X + nfull * ldx, ldx, n - nfull, k, Bp + (nfull / 16) * k * 16);
+}
+
+#define fa_pack_t_f64 fa_pack_t_f64_plain
+
+#else  /* no x86-64: never called (fa_gemm_ok stays 0), defined so the kernel links */
+
+#define FA_GEMM_STUB(SUF, T)                                                                 \
+static void fa_gemm_##SUF(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *A, ptrdiff_t lda, \
+                          const T *Bp, ptrdiff_t kp, T *C, ptrdiff_t ldc, int accumulate) {  \
+    (void)m; (void)n; (void)k; (void)A; (void)lda; (void)Bp; (void)kp; (void)C; (void)ldc;   \
+    (void)accumulate;                                                                        \
+}                                                                                            \
+static int fa_pack_n_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t k, ptrdiff_t n, T *Bp) {     \
+    (void)X; (void)ldx; (void)k; (void)n; (void)Bp;                                          \
+    return 0;                                                                                \
+}                                                                                            \
+static void fa_pack_t_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k, T *Bp) {    \
+    (void)X; (void)ldx; (void)n; (void)k; (void)Bp;                                          \
+}
+FA_GEMM_STUB(f32, float)
+FA_GEMM_STUB(f64, double)
+
+#endif  /* FA_HAVE_X86 */
+
+#endif  /* FASTATTN_GEMM_H */
