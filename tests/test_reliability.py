@@ -363,6 +363,88 @@ def test_attention_same_on_scalar_path(dtype, scalar_and_simd, rng):
     assert np.array_equal(res[True] == 0, res[False] == 0)
 
 
+# ---- the micro-kernel path (_gemm.h) against BLAS -------------------------------------------
+
+GEMM_SHAPES = [(1, 1, 1), (5, 17, 3), (6, 16, 8), (7, 33, 65), (13, 100, 64), (12, 31, 129),
+               (25, 48, 16), (3, 2, 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_is_keys", [True, False])
+def test_micro_kernel_gemm_matches_float64(dtype, x_is_keys, rng):
+    """micro-kernel: c (+)= a · xᵀ (keys, packed by transposing) or a · x (values), for
+    shapes with row / column / depth tails, within the float dot-product error bound."""
+    if _kernel.simd_init(True) == "scalar":
+        pytest.skip("no AVX2/FMA on this machine")
+    u = U32 if dtype == np.float32 else U64
+    for m, n, k in GEMM_SHAPES:
+        a = rand(rng, (m, k), dtype)
+        x = rand(rng, (n, k) if x_is_keys else (k, n), dtype)
+        b = x.T if x_is_keys else x
+        c0 = rand(rng, (m, n), dtype)
+        for accumulate in (False, True):
+            c = c0.copy()
+            assert _kernel.py_gemm_packed(a, x, x_is_keys, c, accumulate)
+            ref = a.astype(np.float64) @ b.astype(np.float64) + (c0 if accumulate else 0)
+            scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64) + np.abs(c0)
+            assert np.all(np.abs(c - ref) <= (k + 2) * u * scale + 1e-300), (m, n, k, accumulate)
+
+
+def test_micro_kernel_pack_reports_nonfinite_values(rng):
+    """micro-kernel: packing V tells whether every value is finite (NaN and ±inf alike)."""
+    if _kernel.simd_init(True) == "scalar":
+        pytest.skip("no AVX2/FMA on this machine")
+    a = rand(rng, (6, 10), np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = rand(rng, (10, 21), np.float32)
+        assert _kernel.py_gemm_packed(a, x, False, np.empty((6, 21), np.float32), False)
+        x[7, 20] = bad
+        assert not _kernel.py_gemm_packed(a, x, False, np.empty((6, 21), np.float32), False)
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, options): panels crossing heads (GQA with few rows), tails of
+# the 6-row blocks, the 16-key packed panels and the 8-wide transposes, windows with a left
+# bound (panels starting inside a tile), lengths, masks, softcap and weights
+PANEL_CASES = [
+    (2, 4, 2, 37, 301, 40, 24, dict(causal=True)),
+    (1, 3, 3, 150, 700, 64, 64, dict(window=(45, 7), causal=True)),
+    (2, 8, 1, 5, 77, 19, 33, dict(causal=True)),
+    (2, 6, 2, 13, 530, 128, 8, dict(key_lengths=np.array([530, 111]))),
+    (1, 2, 2, 70, 70, 8, 72, dict(mask=np.tri(70, 70, 3, dtype=bool), softcap=3.0)),
+    (1, 2, 1, 31, 47, 16, 16, dict(window=(5, 5), return_weights=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(PANEL_CASES)))
+def test_micro_kernel_path_matches_blas_path(case, dtype, scalar_and_simd, rng):
+    """micro-kernel: the panel path (AVX2) and the BLAS-tile path (plain C) both meet the
+    reference bound, agree to within a few rounding errors, and hide the same keys (weights
+    and empty rows identical in where they are 0).  NaN values at hidden keys stay hidden."""
+    b, hq, hkv, lq, lk, d, dv, opts = PANEL_CASES[case]
+    q, k = rand(rng, (b, hq, lq, d), dtype), rand(rng, (b, hkv, lk, d), dtype)
+    v = rand(rng, (b, hkv, lk, dv), dtype)
+    if "key_lengths" in opts:
+        v[1, :, opts["key_lengths"][1]:] = np.nan          # padded keys: never read into O
+    res = {}
+    for mode in (True, False):
+        if scalar_and_simd(mode) == "scalar" and mode:
+            pytest.skip("no AVX2/FMA on this machine")
+        res[mode] = fastattn.attention(q, k, v, **opts)
+    if opts.get("return_weights"):
+        (o1, w1), (o0, w0) = res[True], res[False]
+        assert np.array_equal(w1 == 0, w0 == 0)
+        np.testing.assert_allclose(w1, w0, rtol=0, atol=64 * np.finfo(dtype).eps)
+    else:
+        o1, o0 = res[True], res[False]
+    v_ref = np.nan_to_num(v, nan=0.0)
+    assert_matches_reference(q, k, v_ref, out=o1, **{n: x for n, x in opts.items()
+                                                      if n != "return_weights"})
+    assert_matches_reference(q, k, v_ref, out=o0, **{n: x for n, x in opts.items()
+                                                      if n != "return_weights"})
+    assert np.array_equal(o1 == 0, o0 == 0)
+
+
 # ---- leaks ---------------------------------------------------------------------------------
 
 def _rss_bytes():

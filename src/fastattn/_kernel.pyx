@@ -758,6 +758,34 @@ def py_row_max(floating[::1] x):
     return row_max(&x[0], x.shape[0])
 
 
+def py_gemm_packed(floating[:, ::1] a, floating[:, ::1] x, bint x_is_keys, floating[:, ::1] c,
+                   bint accumulate):
+    """The micro-kernel's product (AVX2 only): c := a · B or c += a · B, with B = xᵀ packed
+    by pack_t when x_is_keys (x: n rows of k, like K), else B = x packed by pack_n (x: k rows
+    of n, like V).  Returns whether pack_n saw only finite values (True for pack_t)."""
+    if not fa_gemm_ok:
+        raise RuntimeError("the micro-kernel needs AVX2/FMA")
+    cdef Py_ssize_t m = a.shape[0], k = a.shape[1]
+    cdef Py_ssize_t n = x.shape[0] if x_is_keys else x.shape[1]
+    if (x.shape[1] if x_is_keys else x.shape[0]) != k or c.shape[0] != m or c.shape[1] != n:
+        raise ValueError("shapes do not match")
+    cdef floating *bp = <floating *>malloc(max(1, FA_PACKED_SIZE(n, k, FA_NR_F32)) *
+                                           sizeof(floating))
+    if bp == NULL:
+        raise MemoryError()
+    cdef bint finite = True
+    cdef const floating *xp = &x[0, 0] if x.shape[0] and x.shape[1] else NULL
+    if n and k:
+        if x_is_keys:
+            pack_t(xp, x.shape[1], n, k, bp)
+        else:
+            finite = pack_n(xp, x.shape[1], k, n, bp)
+    if m and n:
+        gemm_packed(m, n, k, &a[0, 0] if k else bp, max(k, 1), bp, k, &c[0, 0], n, accumulate)
+    free(bp)
+    return finite
+
+
 def blas_init():
     """Find the thread controls of the BLAS behind scipy.linalg.cython_blas; returns its path."""
     p = fa_blas_init(<void *>sgemm)
