@@ -101,6 +101,21 @@ def _linear(x, w, b=None, act=None, out=None, accumulate=False):
     return _fused.linear(x, w, b, out, act, accumulate, get_num_threads())
 
 
+DECODE_MAX_ROWS = 4      # query rows up to which attention runs _fused.decode_attention
+
+
+def _decode_lengths(key_lengths, B, Lk):
+    """key_lengths as the (B,) int64 array decode_attention takes, None for none, or False
+    when it is not a valid one (attention() then reports the error)."""
+    if key_lengths is None:
+        return None
+    a = np.asarray(key_lengths)
+    if a.dtype.kind not in "iu" or a.ndim > 1 or a.size not in (1, B):
+        return False
+    a = np.ascontiguousarray(np.broadcast_to(a.astype(np.int64, copy=False), (B,)))
+    return a if a.min() >= 0 and a.max() <= Lk else False
+
+
 def _layernorm(x, y, norm, sum_out=None, norm_out=None):
     """norm_out := LayerNorm(x + y) (y may be None); sum_out := x + y when given."""
     if norm_out is None:
@@ -386,6 +401,14 @@ class MultiHeadAttention(_Block):
         query_offset: absolute position of query row 0 for `causal` (attention's default,
         None, aligns the last query row with the last valid key)."""
         ob = np.empty((B, Lq, self.num_heads, self.head_dim), self.dtype)     # (B, L, H, D)
+        if (Lq <= DECODE_MAX_ROWS and mask is None and not return_weights and
+                (query_offset is not None or not causal)):
+            # decoding: a few rows against the cache, one pass per row (_fused.decode_attention)
+            kl = _decode_lengths(key_lengths, B, k.shape[2])
+            if kl is not False and _fused.decode_attention(
+                    q, k, v, ob.transpose(0, 2, 1, 3), kl,
+                    query_offset if causal else -1, get_num_threads()) is not None:
+                return ob.reshape(B * Lq, self.embed_dim), None
         r = attention(q, k, v, mask=mask, key_lengths=key_lengths, causal=causal,
                       query_offset=query_offset if causal else None,
                       return_weights=return_weights, out=ob.transpose(0, 2, 1, 3))
@@ -593,8 +616,14 @@ class DecoderLayer(_Layer):
         B, S, _ = mem.shape
         Hkv, D = self.self_attn.num_kv_heads, self.self_attn.head_dim
         kv = ca._kv(_rows(mem))                                           # (B·S, 2 Ekv)
+        Ekv, Hkc = ca._ekv, ca.num_kv_heads
+        # head-major copies (B, Hkv, S, D): every decoding step reads each head's keys and
+        # values as one contiguous block (in the (B·S, 2 Ekv) rows they sit 2 Ekv apart)
+        mk = np.ascontiguousarray(ca._heads(kv[:, :Ekv], B, S, Hkc))
+        mv = np.ascontiguousarray(ca._heads(kv[:, Ekv:], B, S, Hkc))
         shape = (B, Hkv, max_length, D)
-        return {"cross_kv": kv, "k": np.empty(shape, self.dtype), "v": np.empty(shape, self.dtype)}
+        return {"mk": mk, "mv": mv, "k": np.empty(shape, self.dtype),
+                "v": np.empty(shape, self.dtype)}
 
     def _self_cached(self, x2, B, t, lc, pos, *, mask, causal, out=None, accumulate=False):
         """Self-attention of t new positions against the cache's first pos + t positions."""
@@ -617,10 +646,7 @@ class DecoderLayer(_Layer):
         `mem` is the (B, S, E) memory, or None with a layer cache `lc`."""
         ca = self.multihead_attn
         if lc is not None:
-            Ekv, Hkv = ca._ekv, ca.num_kv_heads
-            kv = lc["cross_kv"]
-            S = kv.shape[0] // B
-            mk, mv = ca._heads(kv[:, :Ekv], B, S, Hkv), ca._heads(kv[:, Ekv:], B, S, Hkv)
+            mk, mv = lc["mk"], lc["mv"]                                   # (B, Hkv, S, D)
 
             def self_attn(x, **kw):
                 return self._self_cached(x, B, L, lc, pos, mask=mask, causal=causal, **kw)
@@ -765,7 +791,8 @@ class DecoderCache:
             sa = lyr.self_attn
             if (lc["k"].shape[1] != sa.num_kv_heads or lc["k"].shape[3] != sa.head_dim or
                     lc["k"].dtype != lyr.dtype or
-                    lc["cross_kv"].shape[1] != 2 * lyr.multihead_attn._ekv):
+                    lc["mk"].shape[1] != lyr.multihead_attn.num_kv_heads or
+                    lc["mk"].shape[3] != lyr.multihead_attn.head_dim):
                 return False
         return True
 

@@ -384,6 +384,164 @@ cdef extern from *:
     #endif
     }
 
+    /* Decode attention, one query row: o (d) := softmax(scale · K q) V over keys [0, n).
+     * k, v rows of d at strides ks, vs (elements).  Online softmax over blocks of
+     * FF_ATT_BLOCK keys (scores of a block in s), so any n works without allocation; a block
+     * whose running max is still -inf adds nothing; n == 0 gives o = 0.
+     * Few query rows against a short cache is latency, not flops: the whole row stays in
+     * registers / L1 instead of going through BLAS tiles. */
+    #define FF_ATT_BLOCK 256
+    static void ff_attn_row_ref(const float *q, const float *k, ptrdiff_t ks, const float *v,
+                                ptrdiff_t vs, ptrdiff_t n, ptrdiff_t d, float scale, float *o) {
+        float s[FF_ATT_BLOCK];
+        float m = -INFINITY, l = 0.0f;
+        for (ptrdiff_t c = 0; c < d; c++) o[c] = 0.0f;
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += FF_ATT_BLOCK) {
+            ptrdiff_t nb = n - j0 < FF_ATT_BLOCK ? n - j0 : FF_ATT_BLOCK;
+            float mb = -INFINITY;
+            for (ptrdiff_t j = 0; j < nb; j++) {
+                const float *kj = k + (j0 + j) * ks;
+                float acc = 0.0f;
+                for (ptrdiff_t c = 0; c < d; c++) acc += q[c] * kj[c];
+                s[j] = acc * scale;
+                mb = s[j] > mb ? s[j] : mb;
+            }
+            float mn = mb > m ? mb : m;
+            if (mn == -INFINITY) continue;
+            float alpha = expf(m - mn), lb = 0.0f;
+            for (ptrdiff_t j = 0; j < nb; j++) { s[j] = expf(s[j] - mn); lb += s[j]; }
+            l = l * alpha + lb;
+            for (ptrdiff_t c = 0; c < d; c++) {
+                float a = o[c] * alpha;
+                for (ptrdiff_t j = 0; j < nb; j++) a += s[j] * v[(j0 + j) * vs + c];
+                o[c] = a;
+            }
+            m = mn;
+        }
+        float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (ptrdiff_t c = 0; c < d; c++) o[c] *= inv;
+    }
+
+    #if FF_X86
+    FA_AVX2 static inline __m256i ff_mask8(ptrdiff_t rem) {
+        const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        int r = rem < 0 ? 0 : (rem > 8 ? 8 : (int)rem);
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), idx);
+    }
+
+    FA_AVX2 static void ff_attn_row_avx2(const float *q, const float *k, ptrdiff_t ks,
+                                         const float *v, ptrdiff_t vs, ptrdiff_t n, ptrdiff_t d,
+                                         float scale, float *o) {
+        float s[FF_ATT_BLOCK + 8];
+        float m = -INFINITY, l = 0.0f;
+        ptrdiff_t dtail = d % 8, dbody = d - dtail;
+        __m256i dmask = ff_mask8(dtail);
+        for (ptrdiff_t c = 0; c < d; c++) o[c] = 0.0f;
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += FF_ATT_BLOCK) {
+            ptrdiff_t nb = n - j0 < FF_ATT_BLOCK ? n - j0 : FF_ATT_BLOCK;
+            const float *kb = k + j0 * ks, *vb = v + j0 * vs;
+            /* scores, four keys at a time */
+            ptrdiff_t j = 0;
+            for (; j + 4 <= nb; j += 4) {
+                const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                ptrdiff_t c = 0;
+                for (; c < dbody; c += 8) {
+                    __m256 qv = _mm256_loadu_ps(q + c);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + c), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + c), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + c), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + c), a3);
+                }
+                if (dtail) {
+                    __m256 qv = _mm256_maskload_ps(q + c, dmask);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + c, dmask), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k1 + c, dmask), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k2 + c, dmask), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k3 + c, dmask), a3);
+                }
+                _mm_storeu_ps(s + j, _mm_mul_ps(ff_hsum4x8(a0, a1, a2, a3), _mm_set1_ps(scale)));
+            }
+            for (; j < nb; j++) {
+                const float *k0 = kb + j * ks;
+                __m256 a0 = _mm256_setzero_ps();
+                ptrdiff_t c = 0;
+                for (; c < dbody; c += 8)
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k0 + c), a0);
+                if (dtail)
+                    a0 = _mm256_fmadd_ps(_mm256_maskload_ps(q + c, dmask),
+                                         _mm256_maskload_ps(k0 + c, dmask), a0);
+                s[j] = fa_hsum8(a0) * scale;
+            }
+            float mb = -INFINITY;
+            for (j = 0; j < nb; j++) mb = s[j] > mb ? s[j] : mb;
+            float mn = mb > m ? mb : m;
+            if (mn == -INFINITY) continue;
+            float alpha = expf(m - mn);
+            for (j = nb; j < ((nb + 7) & ~(ptrdiff_t)7); j++) s[j] = -INFINITY;  /* exp -> 0 */
+            __m256 lsum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mn);
+            for (j = 0; j < nb; j += 8) {
+                __m256 e = fa_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+                _mm256_storeu_ps(s + j, e);
+                lsum = _mm256_add_ps(lsum, e);
+            }
+            l = l * alpha + fa_hsum8(lsum);
+            /* o = alpha o + sum_j p_j v_j, 32 features (four registers) at a time */
+            __m256 al = _mm256_set1_ps(alpha);
+            ptrdiff_t c = 0;
+            for (; c + 32 <= d; c += 32) {
+                __m256 o0 = _mm256_mul_ps(al, _mm256_loadu_ps(o + c));
+                __m256 o1 = _mm256_mul_ps(al, _mm256_loadu_ps(o + c + 8));
+                __m256 o2 = _mm256_mul_ps(al, _mm256_loadu_ps(o + c + 16));
+                __m256 o3 = _mm256_mul_ps(al, _mm256_loadu_ps(o + c + 24));
+                for (j = 0; j < nb; j++) {
+                    const float *vj = vb + j * vs + c;
+                    __m256 p = _mm256_set1_ps(s[j]);
+                    o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), o0);
+                    o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), o1);
+                    o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), o2);
+                    o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), o3);
+                }
+                _mm256_storeu_ps(o + c, o0);
+                _mm256_storeu_ps(o + c + 8, o1);
+                _mm256_storeu_ps(o + c + 16, o2);
+                _mm256_storeu_ps(o + c + 24, o3);
+            }
+            if (c < d) {                  /* the last d % 32 features, under masks */
+                __m256i m0 = ff_mask8(d - c), m1 = ff_mask8(d - c - 8);
+                __m256i m2 = ff_mask8(d - c - 16), m3 = ff_mask8(d - c - 24);
+                __m256 o0 = _mm256_mul_ps(al, _mm256_maskload_ps(o + c, m0));
+                __m256 o1 = _mm256_mul_ps(al, _mm256_maskload_ps(o + c + 8, m1));
+                __m256 o2 = _mm256_mul_ps(al, _mm256_maskload_ps(o + c + 16, m2));
+                __m256 o3 = _mm256_mul_ps(al, _mm256_maskload_ps(o + c + 24, m3));
+                for (j = 0; j < nb; j++) {
+                    const float *vj = vb + j * vs + c;
+                    __m256 p = _mm256_set1_ps(s[j]);
+                    o0 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vj, m0), o0);
+                    o1 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vj + 8, m1), o1);
+                    o2 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vj + 16, m2), o2);
+                    o3 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vj + 24, m3), o3);
+                }
+                _mm256_maskstore_ps(o + c, m0, o0);
+                _mm256_maskstore_ps(o + c + 8, m1, o1);
+                _mm256_maskstore_ps(o + c + 16, m2, o2);
+                _mm256_maskstore_ps(o + c + 24, m3, o3);
+            }
+            m = mn;
+        }
+        float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (ptrdiff_t c = 0; c < d; c++) o[c] *= inv;
+    }
+    #endif
+
+    static void ff_attn_row(const float *q, const float *k, ptrdiff_t ks, const float *v,
+                            ptrdiff_t vs, ptrdiff_t n, ptrdiff_t d, float scale, float *o) {
+    #if FF_X86
+        if (ff_avx2) { ff_attn_row_avx2(q, k, ks, v, vs, n, d, scale, o); return; }
+    #endif
+        ff_attn_row_ref(q, k, ks, v, vs, n, d, scale, o);
+    }
+
     /* k up to which the one-row kernel is used (larger: the pair kernel); returns the old one */
     static ptrdiff_t ff_set_row_max_k(ptrdiff_t k) {
     #if FF_X86
@@ -410,6 +568,9 @@ cdef extern from *:
                            Py_ssize_t ldx, const float *w, Py_ssize_t ldw, float *out,
                            Py_ssize_t ldo, int accumulate) noexcept nogil
     Py_ssize_t ff_set_row_max_k(Py_ssize_t k) noexcept nogil
+    void ff_attn_row(const float *q, const float *k, Py_ssize_t ks, const float *v,
+                     Py_ssize_t vs, Py_ssize_t n, Py_ssize_t d, float scale,
+                     float *o) noexcept nogil
 
 cdef enum BlasTrans:
     NoTrans = 110  # 'n'
@@ -601,6 +762,104 @@ def linear(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, cnp.ndarray out,
         with nogil:
             linear_run(&L, nth, f64)
     return out
+
+
+ctypedef struct DecodeAttn:
+    Py_ssize_t B, H, G, Lq, Lk, D    # G = H // Hkv query heads per KV head
+    char *q                          # IN  (B, H, Lq, D), element strides qs[0..2], unit last
+    Py_ssize_t qs[3]
+    char *k                          # IN  (B, Hkv, Lk, D), strides ks[0..2]
+    Py_ssize_t ks[3]
+    char *v                          # IN  (B, Hkv, Lk, D), strides vs[0..2]
+    Py_ssize_t vs[3]
+    char *o                          # OUT (B, H, Lq, D), strides os[0..2]
+    Py_ssize_t os[3]
+    const long long *klen            # IN  (B,) valid keys per batch item, or NULL (all Lk)
+    Py_ssize_t qoff                  # causal: row i sees keys j <= qoff + i; < 0: no limit
+    float scale
+
+
+cdef void decode_attn_row(const DecodeAttn *A, Py_ssize_t r) noexcept nogil:
+    """Row r of the flattened (B, H, Lq) rows: its visible keys, then ff_attn_row."""
+    cdef Py_ssize_t i = r % A.Lq, h = (r // A.Lq) % A.H, b = r // (A.Lq * A.H)
+    cdef Py_ssize_t g = h // A.G
+    cdef Py_ssize_t n = A.Lk if A.klen == NULL else A.klen[b]
+    if A.qoff >= 0 and A.qoff + i + 1 < n:
+        n = A.qoff + i + 1
+    ff_attn_row(<const float *>A.q + b * A.qs[0] + h * A.qs[1] + i * A.qs[2],
+                <const float *>A.k + b * A.ks[0] + g * A.ks[1], A.ks[2],
+                <const float *>A.v + b * A.vs[0] + g * A.vs[1], A.vs[2], n, A.D, A.scale,
+                <float *>A.o + b * A.os[0] + h * A.os[1] + i * A.os[2])
+
+
+cdef bint _strides4(cnp.ndarray a, Py_ssize_t *st):
+    """Element strides of the first three axes of a 4-D float32 array whose last axis is
+    unit-stride (or of length 1); False if it has none such."""
+    cdef Py_ssize_t j
+    if a.ndim != 4 or cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT32:
+        return False
+    if a.shape[3] > 1 and a.strides[3] != 4:
+        return False
+    for j in range(3):
+        if a.strides[j] % 4:
+            return False
+        st[j] = a.strides[j] // 4
+    return True
+
+
+def decode_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
+                     cnp.ndarray key_lengths=None, Py_ssize_t query_offset=-1, int nthreads=1):
+    """out (B, H, Lq, D) := softmax(Q Kᵀ / sqrt(D)) V for few query rows (decoding), float32.
+
+    q (B, H, Lq, D), k and v (B, Hkv, Lk, D), H a multiple of Hkv (query head h uses KV head
+    h // (H // Hkv)), any strides with a unit-stride last axis (strided views are read in
+    place); key_lengths: None or a (B,) int64 array in [0, Lk] (keys j >= key_lengths[b]
+    hidden); query_offset >= 0: causal, row i sees keys j <= query_offset + i.  Rows with no
+    visible key are 0.  The same maths as fastattn.attention; one row per task, rows split
+    across ``nthreads`` when the call is big enough.  Returns out, or None when the inputs
+    are not of this form (the caller then takes the general path)."""
+    cdef DecodeAttn A
+    if not (_strides4(q, A.qs) and _strides4(k, A.ks) and _strides4(v, A.vs) and
+            _strides4(out, A.os)):
+        return None
+    A.B, A.H, A.Lq, A.D = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+    A.Lk = k.shape[2]
+    cdef Py_ssize_t hkv = k.shape[1]
+    if ((<object>v).shape != (<object>k).shape or k.shape[0] != A.B or k.shape[3] != A.D or
+            (<object>out).shape != (<object>q).shape or hkv < 1 or A.H % hkv or
+            not out.flags.writeable):
+        return None
+    if min(A.B, A.H, A.Lq, A.D) < 1 or A.Lk < 1:
+        return None
+    A.G = A.H // hkv
+    A.klen = NULL
+    cdef Py_ssize_t b
+    if key_lengths is not None:
+        if (cnp.PyArray_TYPE(key_lengths) != cnp.NPY_INT64 or key_lengths.ndim != 1 or
+                key_lengths.shape[0] != A.B or not key_lengths.flags.c_contiguous):
+            return None
+        A.klen = <const long long *>cnp.PyArray_DATA(key_lengths)
+        for b in range(A.B):
+            if A.klen[b] < 0 or A.klen[b] > A.Lk:
+                return None
+    if np.may_share_memory(out, q) or np.may_share_memory(out, k) or \
+            np.may_share_memory(out, v):
+        return None
+    A.qoff = query_offset
+    A.scale = <float>(1.0 / sqrt(<double>A.D))
+    A.q, A.k, A.v, A.o = _data(q), _data(k), _data(v), _data(out)
+    cdef Py_ssize_t rows = A.B * A.H * A.Lq, r
+    cdef int nt = nthreads if 4 * rows * A.Lk * A.D >= PARALLEL_MIN_FLOPS else 1
+    nt = <int>min(nt, rows)
+    with nogil:
+        if nt <= 1:
+            for r in range(rows):
+                decode_attn_row(&A, r)
+        else:
+            for r in prange(rows, num_threads=nt, schedule='static'):
+                decode_attn_row(&A, r)
+    return out
+
 
 
 cdef void ln_rows(const char *x, Py_ssize_t ldx, const char *y, Py_ssize_t ldy,
