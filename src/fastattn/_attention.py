@@ -379,7 +379,8 @@ def _attention_plain(q, k, v, causal, num_threads=None):
 def _launch(args, tiling, d, dv):
     """The kernel call, with BLAS held to one thread where a tile GEMM could be threaded."""
     heads, rows, bk = tiling[:3]
-    if heads * rows <= SMALL_ROWS or heads * rows * bk * max(d, dv) < BLAS_THREADED_FLOPS:
+    if (_kernel.micro_kernel_enabled() or heads * rows <= SMALL_ROWS
+            or heads * rows * bk * max(d, dv) < BLAS_THREADED_FLOPS):
         _kernel.attention_forward(*args)     # no tile GEMM that BLAS would thread
     else:
         with blas_guard:

@@ -6,7 +6,8 @@ SIMD = _kernel.simd_init(True)
 
 
 def show_config(print_=True):
-    """Report the SIMD path in use, the BLAS library, OpenMP and the thread count.
+    """Report the SIMD path in use, what computes the tiles, the BLAS library, OpenMP and the
+    thread count.
 
     Prints the report (unless ``print_=False``) and returns it as a dict."""
     import numpy
@@ -14,11 +15,13 @@ def show_config(print_=True):
     info = {
         "fastattn": __import__("fastattn").__version__,
         "simd": SIMD,
+        "tiles": ("micro-kernel" if _kernel.micro_kernel_enabled() else "BLAS")
+        + " (Q·Kᵀ and P·V)",
         "openmp": _kernel.openmp_enabled(),
         "num_threads": get_num_threads(),
         "blas": BLAS_PATH or "unknown",
         "blas_threads": _kernel.blas_get_global(),
-        "blas_thread_control": "held at 1 inside kernels" if BLAS_CONTROL else "unavailable",
+        "blas_thread_control": "held at 1 while a kernel calls it" if BLAS_CONTROL else "unavailable",
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
     }

@@ -719,8 +719,14 @@ SMALL_ROWS_LIMIT = SMALL_ROWS   # for the Python policy: up to this many rows, n
 # ---- small twins of the nogil helpers, for tests and show_config -------------------------
 
 def simd_init(bint use_simd=True):
-    """Select the exp/max row-pass implementation; returns its name ('avx2+fma' or 'scalar')."""
+    """Select the SIMD paths (row passes, decode streaming, the micro-kernel) or the plain-C /
+    BLAS ones; returns the name ('avx2+fma' or 'scalar')."""
     return fa_simd_init(use_simd).decode()
+
+
+def micro_kernel_enabled():
+    """True when the tiles' products run on the micro-kernel, so the kernel calls no BLAS."""
+    return bool(fa_gemm_ok)
 
 
 def convert_half(cnp.ndarray src, cnp.ndarray dst):
