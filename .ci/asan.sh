@@ -36,6 +36,7 @@ fi
 export LD_PRELOAD="$libasan"
 export PYTHONMALLOC=malloc
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1
+export FASTATTN_UNDER_ASAN=1      # the tests that measure RSS skip (ASan's quarantine grows it)
 export PYTHONPATH="$build/src${PYTHONPATH:+:$PYTHONPATH}"
 
 # the sanitized build must be the one imported
