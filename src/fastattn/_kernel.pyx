@@ -360,7 +360,6 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         kb += n
 
 
-
 cdef void item_panels(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t i0,
                       Py_ssize_t ni, Py_ssize_t nh, int64_t off, int64_t kl, Py_ssize_t lo,
                       Py_ssize_t hi, floating *kbase, floating *vbase, floating *Qs,
@@ -407,9 +406,10 @@ cdef void item_panels(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
                 if D == 0:
                     memset(S, 0, (r1 - r0) * lds * sizeof(floating))
                 else:
-                    gemm_packed(r1 - r0, pe - pa, D, Qs + r0 * D, D, Kp + pa * D, D, S + pa, lds, 0)
-                partial = scores_to_probs(P, b, h0, i0, ni, nh, off, kl, kb + pa, pe - pa, r0, r1,
-                                          S + pa, lds, acc, mrow, lrow)
+                    gemm_packed(r1 - r0, pe - pa, D, Qs + r0 * D, D, Kp + pa * D, D, S + pa,
+                                lds, 0)
+                partial = scores_to_probs(P, b, h0, i0, ni, nh, off, kl, kb + pa, pe - pa, r0,
+                                          r1, S + pa, lds, acc, mrow, lrow)
                 if Dv == 0:
                     pass
                 elif not partial or vfinite:
