@@ -556,44 +556,6 @@ def test_streaming_projection_kernels_match_blas_and_float64(n):
         _fused._stream_row_max_k(old)
 
 
-@pytest.mark.parametrize("simd", [True, False])
-def test_decode_attention_matches_reference(simd):
-    """_fused.decode_attention (few query rows against a cache; vector path and its plain C
-    twin) against reference_attention in float64: grouped-query heads, strided views, odd
-    head sizes, more keys than one block of the online softmax, key_lengths (0 included)
-    and causal offsets; rows with no visible key are 0; 1 and 2 threads agree bit for bit."""
-    r = rng(7)
-    cases = [(1, 1, 1, 1, 1, 1), (2, 4, 2, 3, 5, 13), (4, 8, 8, 1, 64, 64), (3, 6, 3, 2, 300, 40),
-             (2, 2, 1, 4, 600, 100), (1, 3, 1, 1, 257, 7), (2, 2, 2, 1, 9, 72)]
-    _fused.simd_init(simd)
-    try:
-        for B, H, Hkv, Lq, Lk, D in cases:
-            for lens, causal in [(False, False), (True, False), (False, True), (True, True)]:
-                q = r.standard_normal((B, Lq, H, D + 3)).astype(np.float32)[..., 1:D + 1]
-                q = q.transpose(0, 2, 1, 3)                                   # strided view
-                kv = (2 * r.standard_normal((B, Lk, 2, Hkv, D))).astype(np.float32)
-                k, v = kv[:, :, 0].transpose(0, 2, 1, 3), kv[:, :, 1].transpose(0, 2, 1, 3)
-                kl = r.integers(0, Lk + 1, B).astype(np.int64) if lens else None
-                if lens:
-                    kl[0] = 0
-                qo = int(r.integers(0, Lk)) if causal else -1
-                ref = fastattn.reference_attention(q, k, v, key_lengths=kl, causal=causal,
-                                                   query_offset=qo if causal else None)
-                outs = []
-                for nt in (1, 2):
-                    out = np.full((B, H, Lq, D), np.nan, np.float32)
-                    assert _fused.decode_attention(q, k, v, out, kl, qo, nt) is out
-                    assert max_err(out, ref) <= 2e-5, (B, H, Hkv, Lq, Lk, D, lens, causal)
-                    outs.append(out)
-                assert np.array_equal(outs[0], outs[1])
-                if lens:
-                    assert not outs[0][0].any()                               # no visible key
-    finally:
-        _fused.simd_init(True)
-    q = np.zeros((1, 2, 1, 8))                                  # not float32: the caller's path
-    assert _fused.decode_attention(q, q, q, q.copy(), None, -1, 1) is None
-
-
 def test_linear_strided_rows_and_public_wrapper():
     r = rng(5)
     x = r.standard_normal((6, 40)).astype(np.float32)[:, 3:35]         # row stride 40

@@ -101,21 +101,6 @@ def _linear(x, w, b=None, act=None, out=None, accumulate=False):
     return _fused.linear(x, w, b, out, act, accumulate, get_num_threads())
 
 
-DECODE_MAX_ROWS = 4      # query rows up to which attention runs _fused.decode_attention
-
-
-def _decode_lengths(key_lengths, B, Lk):
-    """key_lengths as the (B,) int64 array decode_attention takes, None for none, or False
-    when it is not a valid one (attention() then reports the error)."""
-    if key_lengths is None:
-        return None
-    a = np.asarray(key_lengths)
-    if a.dtype.kind not in "iu" or a.ndim > 1 or a.size not in (1, B):
-        return False
-    a = np.ascontiguousarray(np.broadcast_to(a.astype(np.int64, copy=False), (B,)))
-    return a if a.min() >= 0 and a.max() <= Lk else False
-
-
 def _layernorm(x, y, norm, sum_out=None, norm_out=None):
     """norm_out := LayerNorm(x + y) (y may be None); sum_out := x + y when given."""
     if norm_out is None:
@@ -401,14 +386,6 @@ class MultiHeadAttention(_Block):
         query_offset: absolute position of query row 0 for `causal` (attention's default,
         None, aligns the last query row with the last valid key)."""
         ob = np.empty((B, Lq, self.num_heads, self.head_dim), self.dtype)     # (B, L, H, D)
-        if (Lq <= DECODE_MAX_ROWS and mask is None and not return_weights and
-                (query_offset is not None or not causal)):
-            # decoding: a few rows against the cache, one pass per row (_fused.decode_attention)
-            kl = _decode_lengths(key_lengths, B, k.shape[2])
-            if kl is not False and _fused.decode_attention(
-                    q, k, v, ob.transpose(0, 2, 1, 3), kl,
-                    query_offset if causal else -1, get_num_threads()) is not None:
-                return ob.reshape(B * Lq, self.embed_dim), None
         r = attention(q, k, v, mask=mask, key_lengths=key_lengths, causal=causal,
                       query_offset=query_offset if causal else None,
                       return_weights=return_weights, out=ob.transpose(0, 2, 1, 3))
