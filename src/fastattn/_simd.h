@@ -216,26 +216,54 @@ FA_AVX2 static void fa_qk_f32_avx2(const float *K, ptrdiff_t ldk, ptrdiff_t n, c
     }
 }
 
-/* acc[r, :] += Σ_j P[r, j] V[j, :], the accumulator held in registers 64 columns at a time */
+/* o[0 : 8W] += Σ_j p[j] V[j, 0 : 8W], the W accumulators in registers (W fixed, so the
+ * compiler unrolls them); terms with p[j] == 0 skipped.  `prefetch`: fetch the V rows
+ * FA_PREFETCH_ROWS ahead (the first pass over a chunk's rows). */
+#define FA_PV_BLOCK(W)                                                                     \
+FA_AVX2 static inline void fa_pv_block##W(const float *p, ptrdiff_t n, const float *V,      \
+                                          ptrdiff_t ldv, ptrdiff_t Dv, float *o,           \
+                                          int prefetch) {                                  \
+    __m256 a[W];                                                                           \
+    for (int t = 0; t < W; t++) a[t] = _mm256_loadu_ps(o + 8 * t);                         \
+    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
+        if (prefetch) fa_prefetch_row(V, ldv, n, j + FA_PREFETCH_ROWS, Dv);                \
+        if (p[j] == 0) continue;                                                           \
+        __m256 pv = _mm256_set1_ps(p[j]);                                                  \
+        const float *v = V + j * ldv;                                                      \
+        for (int t = 0; t < W; t++)                                                        \
+            a[t] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * t), a[t]);                  \
+    }                                                                                      \
+    for (int t = 0; t < W; t++) _mm256_storeu_ps(o + 8 * t, a[t]);                         \
+}
+FA_PV_BLOCK(8)
+FA_PV_BLOCK(4)
+FA_PV_BLOCK(2)
+FA_PV_BLOCK(1)
+
+/* acc[r, :] += Σ_j P[r, j] V[j, :]: 64 columns at a time in registers, then 32, 16, 8, then
+ * the last Dv % 8 columns in plain C */
 FA_AVX2 static void fa_pv_f32_avx2(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                                    const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc) {
     for (ptrdiff_t r = 0; r < R; r++) {
         const float *p = P + r * lds;
         float *o = acc + r * Dv;
+        int first = r == 0;
         ptrdiff_t c0 = 0;
-        for (; c0 + 8 <= Dv; c0 += 64) {
-            int nv = (int)((Dv - c0) / 8 < 8 ? (Dv - c0) / 8 : 8);   /* vectors in this block */
-            __m256 a[8];
-            for (int t = 0; t < nv; t++) a[t] = _mm256_loadu_ps(o + c0 + 8 * t);
-            for (ptrdiff_t j = 0; j < n; j++) {
-                if (r == 0 && c0 == 0) fa_prefetch_row(V, ldv, n, j + FA_PREFETCH_ROWS, Dv);
-                if (p[j] == 0) continue;
-                __m256 pv = _mm256_set1_ps(p[j]);
-                const float *v = V + j * ldv + c0;
-                for (int t = 0; t < nv; t++) a[t] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * t), a[t]);
-            }
-            for (int t = 0; t < nv; t++) _mm256_storeu_ps(o + c0 + 8 * t, a[t]);
-            if (nv < 8) { c0 += 8 * nv; break; }
+        for (; c0 + 64 <= Dv; c0 += 64, first = 0)
+            fa_pv_block8(p, n, V + c0, ldv, Dv, o + c0, first);
+        if (c0 + 32 <= Dv) {
+            fa_pv_block4(p, n, V + c0, ldv, Dv, o + c0, first);
+            c0 += 32;
+            first = 0;
+        }
+        if (c0 + 16 <= Dv) {
+            fa_pv_block2(p, n, V + c0, ldv, Dv, o + c0, first);
+            c0 += 16;
+            first = 0;
+        }
+        if (c0 + 8 <= Dv) {
+            fa_pv_block1(p, n, V + c0, ldv, Dv, o + c0, first);
+            c0 += 8;
         }
         for (ptrdiff_t c = c0; c < Dv; c++) {       /* columns past the last full vector */
             float s = o[c];
