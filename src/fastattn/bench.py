@@ -350,10 +350,20 @@ def _blas_limit(n):
     return threadpool_limits(limits=n, user_api="blas")
 
 
-def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, min_repeats=3):
+# NumPy's OpenBLAS workers spin for 2**28 cycles (~0.1 s here) after each threaded call; a
+# kernel started meanwhile shares the cores with them.  After a sample of the NumPy reference,
+# wait that long, so its threads do not slow whichever library is timed next.
+OPENBLAS_SPIN_S = 0.15
+
+
+def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, min_repeats=3,
+                     settle_after=None):
     """Median seconds per call of each callable, repeats interleaved with a rotating order.
 
+    settle: seconds of sleep before each sample; settle_after: {name: seconds} of sleep
+    after each sample of that callable.
     Returns ({name: median}, {name: [samples]}, {name: first output})."""
+    settle_after = settle_after or {}
     names = list(calls)
     first, per = {}, {}
     for name in names:                 # warm-up; also sizes the number of calls per sample
@@ -373,6 +383,8 @@ def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, m
             for _ in range(k):
                 f()
             samples[name].append((time.perf_counter() - t0) / k)
+            if settle_after.get(name):
+                time.sleep(settle_after[name])
         if budget is not None and r + 1 >= min_repeats and time.perf_counter() - start > budget:
             break
     return {n: float(np.median(s)) for n, s in samples.items()}, samples, first
@@ -470,12 +482,15 @@ def run_case(case, opts, res=None):
                 else:
                     calls[peer] = f
             cpu0, wall0 = time.process_time(), time.perf_counter()
+            after = {"reference": OPENBLAS_SPIN_S} if n > 1 else {}
             med, samples, first = time_interleaved(calls, opts.repeats, opts.min_sample,
-                                                   opts.settle, opts.budget)
+                                                   opts.settle, opts.budget,
+                                                   settle_after=after)
             # CPU time this process got, per requested core, outside the settle sleeps: well
             # below 1 means other jobs took the cores (spinning threads count as CPU, so near
             # 1 does not prove quiet)
-            awake = time.perf_counter() - wall0 - opts.settle * sum(map(len, samples.values()))
+            awake = (time.perf_counter() - wall0 - opts.settle * sum(map(len, samples.values()))
+                     - sum(after.get(m, 0) * len(s) for m, s in samples.items()))
             cpu = (time.process_time() - cpu0) / max(awake, 1e-9) / n
         ref = np.asarray(first["fastattn"], np.float64)
         maxdiff = {p: float(np.max(np.abs(np.asarray(o, np.float64) - ref)))
