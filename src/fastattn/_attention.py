@@ -21,7 +21,8 @@ _NATIVE_FLOATS = (_F16, _F32, _F64)
 _UNBOUNDED = 1 << 42        # a window bound that no key index reaches
 _OFFSET_LIMIT = 1 << 40     # query offsets are clipped here (beyond it nothing changes)
 BLOCK_Q = 256               # query rows per work item
-BLOCK_K = 512               # keys per tile
+BLOCK_K = 512               # keys per tile ...
+TILE_ELEMENTS = 1 << 18     # ... fewer for wide heads: a tile's K (or V) stays within this
 EDGE_K = 64                 # keys per chunk where rows see different key ranges
 SPLIT_MIN_WORK = 8          # fewer work items than this: split the KV axis (decode) ...
 SPLIT_MIN_KEYS = 1024       # ... into chunks of at least this many keys
@@ -262,9 +263,10 @@ def _real(x, name):
     return float(x)
 
 
-def _tiling(nb, hq, hkv, lq, lk, with_weights):
+def _tiling(nb, hq, hkv, lq, lk, d, dv, with_weights):
     """(heads, rows, bk, edge, n_splits, split_len): the work item's extent."""
     group = hq // hkv
+    bk = max(EDGE_K, min(BLOCK_K, TILE_ELEMENTS // max(d, dv, 1)))
     if lq >= BLOCK_Q:
         heads = 1
         nqb = -(-lq // BLOCK_Q)
@@ -281,7 +283,7 @@ def _tiling(nb, hq, hkv, lq, lk, with_weights):
     if nwork < SPLIT_MIN_WORK and lk >= 2 * SPLIT_MIN_KEYS and not with_weights:
         n_splits = min(-(-SPLIT_MIN_WORK // nwork), lk // SPLIT_MIN_KEYS)
     split_len = -(-lk // n_splits)
-    return (heads, rows, BLOCK_K, EDGE_K, n_splits, split_len), nwork * n_splits
+    return (heads, rows, bk, EDGE_K, n_splits, split_len), nwork * n_splits
 
 
 def attention(query, key, value, *, mask=None, causal=False, query_offset=None, window=None,
@@ -368,7 +370,7 @@ def _attention_plain(q, k, v, causal, num_threads=None):
     if not (q.flags.aligned and k.flags.c_contiguous and v.flags.c_contiguous):
         return None
     o = np.empty((b, hq, lq, dv), dt)
-    tiling, nwork = _tiling(b, hq, hkv, lq, lk, False)
+    tiling, nwork = _tiling(b, hq, hkv, lq, lk, d, dv, False)
     nthreads = 1 if 2 * b * hq * lq * lk * (d + dv) < SERIAL_FLOPS \
         else min(num_threads or get_num_threads(), nwork)
     _launch((q, k, v, o, None, None, None, None, (b,), tiling, _UNBOUNDED,
@@ -392,7 +394,7 @@ def _run(c, o, weights):
     m = c.mask
     if m is not None and m.dtype == np.bool_:
         m = m.view(np.uint8)
-    tiling, nwork = _tiling(nb, hq, hkv, lq, lk, weights is not None)
+    tiling, nwork = _tiling(nb, hq, hkv, lq, lk, d, dv, weights is not None)
     flops = 2 * nb * hq * lq * lk * (d + dv)
     nthreads = 1 if flops < SERIAL_FLOPS else min(c.num_threads, nwork)
     _launch((c.query, _blas_ready(c.key), _blas_ready(c.value), o, m, weights, c.klen, c.qoff,
