@@ -163,53 +163,29 @@ static inline void fa_prefetch_row(const float *X, ptrdiff_t ld, ptrdiff_t n, pt
         _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-
-/* Sum each of 8 vectors: lane i of the result is the sum of the lanes of x[i]. */
-FA_AVX2 static inline __m256 fa_hsum8x8(const __m256 *x) {
-    __m256 t0 = _mm256_hadd_ps(x[0], x[1]), t1 = _mm256_hadd_ps(x[2], x[3]);
-    __m256 t2 = _mm256_hadd_ps(x[4], x[5]), t3 = _mm256_hadd_ps(x[6], x[7]);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                         _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
+/* One key at a time, so K is read as one sequential stream (eight keys side by side, with
+ * a software prefetch, streamed at 0.7-0.8 of this speed here); four accumulators per row,
+ * 32 features a step. */
 FA_AVX2 static void fa_qk_f32_avx2(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
                                    ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {
-    ptrdiff_t D8 = D & ~(ptrdiff_t)7, j = 0;
-    /* eight keys at a time: eight independent FMA chains, one transposed reduction */
-    for (; j + 8 <= n; j += 8) {
-        for (ptrdiff_t t = 0; t < 8; t++) fa_prefetch_row(K, ldk, n, j + FA_PREFETCH_ROWS + t, D);
-        for (ptrdiff_t r = 0; r < R; r++) {
-            const float *q = Q + r * D;
-            __m256 a[8];
-            for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
-            for (ptrdiff_t c = 0; c < D8; c += 8) {
-                __m256 qv = _mm256_loadu_ps(q + c);
-                for (int t = 0; t < 8; t++)
-                    a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(K + (j + t) * ldk + c), qv, a[t]);
-            }
-            __m256 sums = fa_hsum8x8(a);
-            if (D8 < D) {
-                float tail[8];
-                for (int t = 0; t < 8; t++) {
-                    float acc = 0;
-                    for (ptrdiff_t c = D8; c < D; c++) acc += q[c] * K[(j + t) * ldk + c];
-                    tail[t] = acc;
-                }
-                sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
-            }
-            _mm256_storeu_ps(S + r * lds + j, sums);
-        }
-    }
-    for (; j < n; j++) {
+    ptrdiff_t D32 = D & ~(ptrdiff_t)31, D8 = D & ~(ptrdiff_t)7;
+    for (ptrdiff_t j = 0; j < n; j++) {
         const float *k = K + j * ldk;
         for (ptrdiff_t r = 0; r < R; r++) {
             const float *q = Q + r * D;
-            __m256 a0 = _mm256_setzero_ps();
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             ptrdiff_t c = 0;
+            for (; c < D32; c += 32) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), _mm256_loadu_ps(k + c + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 16), _mm256_loadu_ps(k + c + 16),
+                                     a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 24), _mm256_loadu_ps(k + c + 24),
+                                     a3);
+            }
             for (; c < D8; c += 8)
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
-            float acc = fa_hsum8(a0);
+            float acc = fa_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
             for (; c < D; c++) acc += q[c] * k[c];
             S[r * lds + j] = acc;
         }
