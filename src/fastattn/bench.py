@@ -464,12 +464,21 @@ def _tol(dtype):
     return {"float16": 2e-2, "float32": 1e-3, "float64": 1e-8}[dtype]
 
 
+SAME_RUN_1T_S = 1e-3    # calls faster than this at 1 thread are timed at 1 thread again,
+                        # interleaved with the multi-thread run, for criterion g
+
+
 def run_case(case, opts, res=None):
     """Time one case at every thread count; returns a list of row dicts."""
     rows = []
     q, k, v = _inputs(case)
+    t_1t = None
     for n in opts.threads:
         calls = {"fastattn": make_fastattn(case, n, q, k, v)}
+        if n > 1 and t_1t is not None and t_1t < SAME_RUN_1T_S:
+            # below a millisecond, load drift between the 1- and n-thread phases can exceed
+            # the difference being checked ("no shape slower at n threads"): interleave
+            calls["fastattn@1"] = make_fastattn(case, 1, q, k, v)
         unavailable = {}
         with _blas_limit(n):
             for peer in opts.peers:
@@ -492,6 +501,9 @@ def run_case(case, opts, res=None):
             awake = (time.perf_counter() - wall0 - opts.settle * sum(map(len, samples.values()))
                      - sum(after.get(m, 0) * len(s) for m, s in samples.items()))
             cpu = (time.process_time() - cpu0) / max(awake, 1e-9) / n
+        same_run_1t = med.pop("fastattn@1", None)
+        samples.pop("fastattn@1", None)
+        first.pop("fastattn@1", None)
         ref = np.asarray(first["fastattn"], np.float64)
         maxdiff = {p: float(np.max(np.abs(np.asarray(o, np.float64) - ref)))
                    for p, o in first.items() if p != "fastattn"}
@@ -510,6 +522,10 @@ def run_case(case, opts, res=None):
                "cpu_share": cpu, "unavailable": unavailable, "maxdiff": maxdiff,
                "mismatch": [p for p, d in maxdiff.items() if not d <= _tol(case.dtype)],
                "samples": samples}
+        if same_run_1t is not None:
+            row["time_1t_same_run"] = same_run_1t
+        if n == 1:
+            t_1t = t
         rows.append(row)
         if opts.log:
             opts.log(format_row(row, res))
@@ -804,12 +820,16 @@ def evaluate(res):
             if r["threads"] != nmax:
                 continue
             o = _find(rows, r["target"], r["shape"], r["dtype"], r["mode"], threads=1)
-            if o and r["time"] > o["time"]:
+            t1 = r.get("time_1t_same_run", o["time"] if o else None)
+            if o and r["time"] > t1:
                 slower.append(f"{r['shape']} {r['dtype']} {r['mode']} "
-                              f"({o['time'] * 1e3:.3g} -> {r['time'] * 1e3:.3g} ms)")
+                              f"({t1 * 1e3:.3g} -> {r['time'] * 1e3:.3g} ms)")
         n_pairs = sum(1 for r in rows if r["threads"] == nmax)
+        rechecked = sum(1 for r in rows if "time_1t_same_run" in r)
         out.append(_check("g", f"no shape slower at {nmax}T than at 1T", not slower,
-                          "; ".join(slower) if slower else f"all {n_pairs} shapes faster",
+                          ("; ".join(slower) if slower else f"all {n_pairs} shapes faster")
+                          + (f" ({rechecked} sub-ms calls against 1T timed in the same rounds)"
+                             if rechecked else ""),
                           *[r for r in rows if r["threads"] == nmax]))
     col = res.get("collision")
     if col and "fastattn" in col:
