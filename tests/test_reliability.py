@@ -446,6 +446,42 @@ def test_micro_kernel_path_matches_blas_path(case, dtype, scalar_and_simd, rng):
     assert np.array_equal(o1 == 0, o0 == 0)
 
 
+# (B, Hq, Hkv, Lq, Lk, D, Dv, options) with at most SMALL_ROWS float32 rows per KV head: the
+# streaming Q·Kᵀ (rows four at a time, then one by one; D with 16-, 8- and 1-wide tails) and
+# P·V (keys in L1-sized blocks: Lk across several, Dv above 64 and with a tail)
+DECODE_CASES = [
+    (1, 4, 1, 1, 301, 128, 128, {}),
+    (2, 8, 1, 1, 777, 24, 130, {}),
+    (1, 7, 1, 1, 200, 13, 5, dict(mask=np.arange(200) % 3 != 1)),
+    (2, 6, 2, 1, 530, 136, 72, dict(key_lengths=np.array([530, 99]))),
+    (1, 2, 1, 4, 100, 40, 200, dict(causal=True)),
+    (3, 5, 5, 1, 1030, 64, 64, dict(key_lengths=np.array([1030, 1, 517]))),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_streaming_path_matches_plain_path(case, scalar_and_simd, rng):
+    """decode: the AVX2 streaming kernels for few rows and the plain-C ones both meet the
+    reference bound and hide the same keys; NaN values at hidden keys stay hidden."""
+    b, hq, hkv, lq, lk, d, dv, opts = DECODE_CASES[case]
+    q, k = rand(rng, (b, hq, lq, d), np.float32), rand(rng, (b, hkv, lk, d), np.float32)
+    v = rand(rng, (b, hkv, lk, dv), np.float32)
+    if "key_lengths" in opts:
+        for i, n in enumerate(opts["key_lengths"]):
+            v[i, :, n:] = np.nan
+    if "mask" in opts:
+        v[..., ~opts["mask"], :] = np.nan
+    res = {}
+    for mode in (True, False):
+        if scalar_and_simd(mode) == "scalar" and mode:
+            pytest.skip("no AVX2/FMA on this machine")
+        res[mode] = fastattn.attention(q, k, v, **opts)
+    v_ref = np.nan_to_num(v, nan=0.0)
+    for mode in (True, False):
+        assert_matches_reference(q, k, v_ref, out=res[mode], **opts)
+    assert np.array_equal(res[True] == 0, res[False] == 0)
+
+
 # ---- leaks ---------------------------------------------------------------------------------
 
 # AddressSanitizer keeps freed blocks in a quarantine of up to 256 MB, so RSS grows under it
