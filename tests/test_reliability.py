@@ -446,7 +446,7 @@ def test_micro_kernel_path_matches_blas_path(case, dtype, scalar_and_simd, rng):
     assert np.array_equal(o1 == 0, o0 == 0)
 
 
-# (B, Hq, Hkv, Lq, Lk, D, Dv, options) with at most SMALL_ROWS float32 rows per KV head: the
+# (B, Hq, Hkv, Lq, Lk, D, Dv, options) with at most SMALL_ROWS (16) float32 rows per KV head: the
 # streaming Q·Kᵀ (rows four at a time, then one by one; D with 16-, 8- and 1-wide tails) and
 # P·V (keys in L1-sized blocks: Lk across several, Dv above 64 and with a tail)
 DECODE_CASES = [
@@ -456,6 +456,8 @@ DECODE_CASES = [
     (2, 6, 2, 1, 530, 136, 72, dict(key_lengths=np.array([530, 99]))),
     (1, 2, 1, 4, 100, 40, 200, dict(causal=True)),
     (3, 5, 5, 1, 1030, 64, 64, dict(key_lengths=np.array([1030, 1, 517]))),
+    (1, 3, 3, 16, 300, 64, 64, dict(causal=True)),
+    (2, 8, 2, 3, 90, 33, 17, dict(window=(20, 0), causal=True)),
 ]
 
 
