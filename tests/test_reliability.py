@@ -484,6 +484,38 @@ def test_decode_streaming_path_matches_plain_path(case, scalar_and_simd, rng):
     assert np.array_equal(res[True] == 0, res[False] == 0)
 
 
+# (B, Hq, Hkv, Lq, Lk, D, Dv, options): float16 K/V through the streaming path (few rows), the
+# micro-kernel path, the KV split and windows; K/V as (B, L, H, D) views, read in place
+HALF_CASES = [
+    (2, 8, 2, 1, 700, 64, 64, dict(key_lengths=np.array([700, 333]))),
+    (1, 4, 4, 1, 5000, 128, 40, {}),
+    (2, 6, 3, 37, 530, 40, 24, dict(causal=True)),
+    (1, 2, 1, 300, 300, 16, 72, dict(window=(50, 3), key_lengths=np.array([250]))),
+]
+
+
+@pytest.mark.parametrize("case", range(len(HALF_CASES)))
+def test_float16_kv_read_in_place_equals_float32(case, scalar_and_simd, rng):
+    """dtypes: float16 K/V, converted by the kernel a tile at a time (F16C, or plain C), give
+    bitwise the float32 computation on the converted arrays; subnormal, ±0 and largest
+    float16 values are converted exactly; inf and NaN at hidden keys stay hidden."""
+    b, hq, hkv, lq, lk, d, dv, opts = HALF_CASES[case]
+    q = rand(rng, (b, hq, lq, d), np.float16)
+    k = (rand(rng, (b, lk, hkv, d), np.float32) * 4).astype(np.float16).transpose(0, 2, 1, 3)
+    v = rand(rng, (b, lk, hkv, dv), np.float16).transpose(0, 2, 1, 3)
+    k[0, 0, :4, 0] = [6e-8, -6e-8, -0.0, 65504]             # subnormals, -0, largest
+    v[0, 0, 1, :3] = [1e-7, 3e-5, -0.0]
+    if "key_lengths" in opts:
+        for i, n in enumerate(opts["key_lengths"]):
+            k[i, :, n:, 0], v[i, :, n:, 0] = np.inf, np.nan
+    for mode in (True, False):
+        scalar_and_simd(mode)
+        got = fastattn.attention(q, k, v, **opts)
+        want = fastattn.attention(*(a.astype(np.float32) for a in (q, k, v)), **opts)
+        assert got.dtype == np.float16 and np.isfinite(got).all()
+        assert np.array_equal(got, want.astype(np.float16))
+
+
 # ---- leaks ---------------------------------------------------------------------------------
 
 # AddressSanitizer keeps freed blocks in a quarantine of up to 256 MB, so RSS grows under it

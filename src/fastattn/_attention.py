@@ -151,8 +151,13 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
             if n > INT32_MAX:
                 raise ValueError(f"{name} = {n} exceeds the 32-bit BLAS limit 2**31 - 1")
 
-    if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
-        q, k, v = (_cast(a, dtype) if a.dtype != dtype else a for a in (q, k, v))
+    # float16 K and V stay float16: the kernel converts them a tile at a time (converting the
+    # whole arrays first read them once and wrote and read them again at twice the size)
+    kv_half = dtype == _F32 and k.dtype == v.dtype == _F16
+    if q.dtype != dtype:
+        q = _cast(q, dtype)
+    if not kv_half and (k.dtype != dtype or v.dtype != dtype):
+        k, v = (_cast(a, dtype) if a.dtype != dtype else a for a in (k, v))
 
     c = _Call()
     c.query, c.key, c.value = q, k, v

@@ -53,6 +53,8 @@ cdef extern from "_simd.h" nogil:
                    Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
     const char *fa_simd_init(int use_simd)
     int fa_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
+    void fa_half_rows_to_float(const uint16_t *src, Py_ssize_t ld, Py_ssize_t n,
+                               Py_ssize_t width, float *dst)
     int fa_float_to_half(const float *src, uint16_t *dst, Py_ssize_t n)
 
 cdef extern from "_gemm.h" nogil:
@@ -118,6 +120,8 @@ ctypedef struct Problem:
     char *v
     const int64_t *v_boff
     Py_ssize_t v_sh, v_sl
+    int kv_half                   # K and V are float16 (computing in float32): converted a
+                                  # tile at a time into scratch, never as whole arrays
     char *o                       # OUT (*batch, Hq, Lq, Dv), any strides
     const int64_t *o_boff
     Py_ssize_t o_sh, o_sl, o_sd
@@ -299,15 +303,30 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
     return partial
 
 
+cdef inline floating *kv_tile(const Problem *P, char *base, Py_ssize_t j, Py_ssize_t n,
+                              Py_ssize_t ld, Py_ssize_t width, floating *buf,
+                              Py_ssize_t *ld_out) noexcept nogil:
+    """Rows [j, j + n) of one K or V head (base: its row 0) in the compute dtype: in place,
+    or for float16 K/V converted into buf (n x width, contiguous); ld_out: their stride."""
+    if floating is float:
+        if P.kv_half:
+            fa_half_rows_to_float(<const uint16_t *>base + j * ld, ld, n, width, buf)
+            ld_out[0] = width
+            return buf
+    ld_out[0] = ld
+    return <floating *>base + j * ld
+
+
 cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t i0,
                       Py_ssize_t ni, Py_ssize_t nh, int64_t off, int64_t kl, Py_ssize_t lo,
-                      Py_ssize_t hi, floating *kbase, floating *vbase, floating *Qs,
-                      floating *S, floating *acc, floating *mrow,
-                      floating *lrow) noexcept nogil:
+                      Py_ssize_t hi, char *kbase, char *vbase, floating *Qs,
+                      floating *S, floating *acc, floating *mrow, floating *lrow,
+                      floating *Kc, floating *Vc) noexcept nogil:
     """Keys [lo, hi) of a work item in chunks, the products by BLAS (or, with at most
-    SMALL_ROWS rows, by the streaming kernels of _simd.h)."""
+    SMALL_ROWS rows, by the streaming kernels of _simd.h).  Kc, Vc: room for a chunk of
+    float16 K and V converted."""
     cdef Py_ssize_t D = P.d, Dv = P.dv, BK = P.bk, R = nh * ni, lds = P.bk
-    cdef Py_ssize_t kb, n
+    cdef Py_ssize_t kb, n, ldk, ldv
     cdef bint partial
     # Inside [full_lo, full_hi) every row sees every key: big tiles, no edge masks.  Outside
     # it (the causal diagonal, the window edges) small key chunks, each computed only for
@@ -336,16 +355,16 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         if rn == 0:
             kb += n
             continue
-        kblk = kbase + kb * P.k_sl
-        vblk = vbase + kb * P.v_sl
+        kblk = kv_tile(P, kbase, kb, n, P.k_sl, D, Kc, &ldk)
+        vblk = kv_tile(P, vbase, kb, n, P.v_sl, Dv, Vc, &ldv)
         # S (rn x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ
         if D == 0:
             memset(S + ra * lds, 0, rn * lds * sizeof(floating))
         elif floating is float and rn <= SMALL_ROWS:
-            fa_qk_f32(kblk, P.k_sl, n, Qs + ra * D, D, rn, S + ra * lds, lds)
+            fa_qk_f32(kblk, ldk, n, Qs + ra * D, D, rn, S + ra * lds, lds)
         else:
             gemm(Trans, NoTrans, <int>n, <int>rn, <int>D, <floating>1, kblk,
-                 <int>P.k_sl, Qs + ra * D, <int>D, <floating>0, S + ra * lds, <int>lds)
+                 <int>ldk, Qs + ra * D, <int>D, <floating>0, S + ra * lds, <int>lds)
         partial = scores_to_probs(P, b, h0, i0, ni, nh, off, kl, kb, n, ra, rb, S + ra * lds,
                                   lds, acc, mrow, lrow)
         # acc (R x Dv, row-major) += P · V_blk, i.e. column-major accᵀ += V_blkᵀ · Pᵀ.
@@ -354,28 +373,29 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         if Dv == 0:
             pass
         elif floating is float and rn <= SMALL_ROWS:
-            fa_pv_f32(S + ra * lds, lds, rn, n, vblk, P.v_sl, Dv, acc + ra * Dv)
-        elif not partial or tile_finite(vblk, n, Dv, P.v_sl):
+            fa_pv_f32(S + ra * lds, lds, rn, n, vblk, ldv, Dv, acc + ra * Dv)
+        elif not partial or tile_finite(vblk, n, Dv, ldv):
             gemm(NoTrans, NoTrans, <int>Dv, <int>rn, <int>n, <floating>1, vblk,
-                 <int>P.v_sl, S + ra * lds, <int>lds, <floating>1, acc + ra * Dv, <int>Dv)
+                 <int>ldv, S + ra * lds, <int>lds, <floating>1, acc + ra * Dv, <int>Dv)
         else:
-            pv_visible(S, lds, ra, rb, n, vblk, P.v_sl, Dv, acc)
+            pv_visible(S, lds, ra, rb, n, vblk, ldv, Dv, acc)
         kb += n
 
 
 cdef void item_panels(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t i0,
                       Py_ssize_t ni, Py_ssize_t nh, int64_t off, int64_t kl, Py_ssize_t lo,
-                      Py_ssize_t hi, floating *kbase, floating *vbase, floating *Qs,
+                      Py_ssize_t hi, char *kbase, char *vbase, floating *Qs,
                       floating *S, floating *acc, floating *mrow, floating *lrow,
-                      floating *Kp, floating *Vp) noexcept nogil:
+                      floating *Kp, floating *Vp, floating *Cb) noexcept nogil:
     """Keys [lo, hi) of a work item in tiles of BK, each tile's K and V packed once for the
     micro-kernel (_gemm.h); the rows in panels of PANEL_ROWS.  A panel computes only the
     keys some row of it sees (from the first packed column panel holding one), so on the
     causal diagonal and at window edges the work follows the visible pairs; its scores stay
-    in L1 from Q·Kᵀ through the softmax to P·V."""
+    in L1 from Q·Kᵀ through the softmax to P·V.  Cb: room for a tile of float16 K or V
+    converted (K's is packed before V's is converted)."""
     cdef Py_ssize_t D = P.d, Dv = P.dv, R = nh * ni, lds = P.bk
     cdef Py_ssize_t NR = FA_NR_F32 if floating is float else FA_NR_F64
-    cdef Py_ssize_t kb, n, r0, r1, r, pa, pe
+    cdef Py_ssize_t kb, n, r0, r1, r, pa, pe, ldk, ldv
     cdef int64_t pmin, pmax, pos
     cdef floating *kblk
     cdef floating *vblk
@@ -383,11 +403,11 @@ cdef void item_panels(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
     kb = lo
     while kb < hi:
         n = min(P.bk, hi - kb)
-        kblk = kbase + kb * P.k_sl
-        vblk = vbase + kb * P.v_sl
         if D > 0:
-            pack_t(kblk, P.k_sl, n, D, Kp)
-        vfinite = Dv > 0 and pack_n(vblk, P.v_sl, n, Dv, Vp)
+            kblk = kv_tile(P, kbase, kb, n, P.k_sl, D, Cb, &ldk)
+            pack_t(kblk, ldk, n, D, Kp)
+        vblk = kv_tile(P, vbase, kb, n, P.v_sl, Dv, Cb, &ldv)
+        vfinite = Dv > 0 and pack_n(vblk, ldv, n, Dv, Vp)
         r0 = 0
         while r0 < R:
             r1 = min(r0 + PANEL_ROWS, R)
@@ -419,7 +439,7 @@ cdef void item_panels(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
                     gemm_packed(r1 - r0, Dv, pe - pa, S + pa, lds, Vp + pa * NR, n,
                                 acc + r0 * Dv, Dv, 1)
                 else:
-                    pv_visible(S + pa, lds, 0, r1 - r0, pe - pa, vblk + pa * P.v_sl, P.v_sl, Dv,
+                    pv_visible(S + pa, lds, 0, r1 - r0, pe - pa, vblk + pa * ldv, ldv, Dv,
                                acc + r0 * Dv)
             r0 = r1
         kb += n
@@ -445,7 +465,8 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
     cdef Py_ssize_t R = nh * ni
     cdef int64_t kl = P.klen[b], off = P.qoff[b]
 
-    # scratch: Qs (R x D) | S (R x BK) | acc (R x Dv) | m (R) | l (R) | K, V tiles packed
+    # scratch: Qs (R x D) | S (R x BK) | acc (R x Dv) | m (R) | l (R) | K, V tiles packed |
+    # with float16 K/V, a tile converted (the packed tiles' room is the chunks' converted K/V)
     cdef floating *Qs = scratch
     cdef floating *S = Qs + P.heads * P.rows * D
     cdef floating *acc = S + P.heads * P.rows * BK
@@ -453,6 +474,7 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
     cdef floating *lrow = mrow + P.heads * P.rows
     cdef floating *Kp = lrow + P.heads * P.rows
     cdef floating *Vp = Kp + FA_PACKED_SIZE(BK, D, FA_NR_F32)
+    cdef floating *Cb = Vp + FA_PACKED_SIZE(Dv, BK, FA_NR_F32)
 
     # union of the rows' visible key intervals, intersected with this split's range
     cdef Py_ssize_t lo = clamp(off + i0 - P.left, 0, kl)
@@ -462,8 +484,9 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
         hi = min(hi, (split + 1) * P.split_len)
 
     cdef floating *q = <floating *>P.q + P.q_boff[b]
-    cdef floating *kbase = <floating *>P.k + P.k_boff[b] + hk * P.k_sh
-    cdef floating *vbase = <floating *>P.v + P.v_boff[b] + hk * P.v_sh
+    cdef Py_ssize_t kvsize = 2 if P.kv_half else sizeof(floating)
+    cdef char *kbase = P.k + (P.k_boff[b] + hk * P.k_sh) * kvsize
+    cdef char *vbase = P.v + (P.v_boff[b] + hk * P.v_sh) * kvsize
     cdef floating *wbase = NULL
     cdef floating *src
     cdef floating inv = 0
@@ -488,10 +511,10 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
 
     if fa_gemm_ok and not (floating is float and R <= SMALL_ROWS):
         item_panels(P, b, h0, i0, ni, nh, off, kl, lo, hi, kbase, vbase, Qs, S, acc, mrow, lrow,
-                    Kp, Vp)
+                    Kp, Vp, Cb)
     else:
         item_chunks(P, b, h0, i0, ni, nh, off, kl, lo, hi, kbase, vbase, Qs, S, acc, mrow,
-                    lrow)
+                    lrow, Kp, Vp)
 
     cdef floating *o
     for r in range(R):
@@ -551,7 +574,8 @@ cdef void run(Problem *P, Py_ssize_t nwork, Py_ssize_t nrows, int nthreads,
     cdef Py_ssize_t w, t
     cdef Py_ssize_t tile = P.heads * P.rows
     cdef size_t nscratch = (tile * (P.d + P.bk + P.dv + 2) + FA_PACKED_SIZE(P.bk, P.d, FA_NR_F32)
-                            + FA_PACKED_SIZE(P.dv, P.bk, FA_NR_F32))
+                            + FA_PACKED_SIZE(P.dv, P.bk, FA_NR_F32)
+                            + (P.bk * max(P.d, P.dv) if P.kv_half else 0))
     cdef floating *scratch
     if nthreads <= 1 or nwork <= 1:
         scratch = <floating *>fa_scratch(nscratch * sizeof(floating))
@@ -626,7 +650,8 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
                       double scale, double softcap, int nthreads):
     """Run the kernel on operands checked by fastattn._attention (see Problem above).
 
-    q (*bq, Hq, Lq, D), k (*bk, Hkv, Lk, D), v (*bv, Hkv, Lk, Dv): the compute dtype, batch
+    q (*bq, Hq, Lq, D), k (*bk, Hkv, Lk, D), v (*bv, Hkv, Lk, Dv): the compute dtype (k and v
+    may both be float16 when it is float32: converted a tile at a time), batch
     axes broadcasting to batch_shape, K/V rows BLAS-readable (unit feature stride, leading
     dimension in [max(1, D), 2**31 - 1] when Lk > 1).  o (*batch, Hq, Lq, Dv) and mask
     (uint8 for bool, else the compute dtype; at least 3-D, broadcasting to
@@ -661,6 +686,11 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
         elem_strides(mask, st)
         P.m_sh, P.m_sl, P.m_sk = st[0], st[1], st[2]
     P.q, P.k, P.v, P.o = data(q), data(k), data(v), data(o)
+    P.kv_half = cnp.PyArray_ITEMSIZE(k) == 2
+    if (cnp.PyArray_ITEMSIZE(v) != cnp.PyArray_ITEMSIZE(k)
+            or cnp.PyArray_ITEMSIZE(q) != (4 if P.kv_half else cnp.PyArray_ITEMSIZE(k))):
+        raise TypeError(f"attention_forward: q, k, v must share the compute dtype (k and v may "
+                        f"both be float16 with float32 q), got {q.dtype}, {k.dtype}, {v.dtype}")
     P.mask = data(mask)
     P.mask_is_bool = mask is not None and cnp.PyArray_ITEMSIZE(mask) == 1
     P.w = data(weights)

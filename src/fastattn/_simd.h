@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "_vecmath.h"
 #include "_gemm.h"
@@ -381,6 +382,33 @@ static int fa_float_to_half(const float *src, uint16_t *dst, ptrdiff_t n) {
 #endif
     (void)src; (void)dst; (void)n;
     return 0;
+}
+
+/* One float16 value as float32 (exact): sign, exponent rebias, subnormals scaled. */
+static inline float fa_half_to_float1(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13);              /* inf, NaN (payload kept) */
+    } else if (e) {
+        bits = sign | ((e + 112) << 23) | (m << 13);        /* normal */
+    } else {
+        float f = (float)m * 5.9604644775390625e-8f;        /* ±0, subnormal: m 2^-24 */
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* dst (n x width, contiguous) = rows [0, n) of src (row stride ld) as float32 */
+static void fa_half_rows_to_float(const uint16_t *src, ptrdiff_t ld, ptrdiff_t n,
+                                  ptrdiff_t width, float *dst) {
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const uint16_t *s = src + j * ld;
+        float *d = dst + j * width;
+        if (!fa_half_to_float(s, d, width))
+            for (ptrdiff_t c = 0; c < width; c++) d[c] = fa_half_to_float1(s[c]);
+    }
 }
 
 /* use_simd = 0 forces the plain C path (tests compare the two). Returns the path's name. */
