@@ -446,9 +446,9 @@ def test_micro_kernel_path_matches_blas_path(case, dtype, scalar_and_simd, rng):
     assert np.array_equal(o1 == 0, o0 == 0)
 
 
-# (B, Hq, Hkv, Lq, Lk, D, Dv, options) with at most SMALL_ROWS (16) float32 rows per KV head: the
-# streaming Q·Kᵀ (rows four at a time, then one by one; D with 16-, 8- and 1-wide tails) and
-# P·V (keys in L1-sized blocks: Lk across several, Dv above 64 and with a tail)
+# (B, Hq, Hkv, Lq, Lk, D, Dv, options) with at most SMALL_ROWS (16) rows per KV head: the
+# streaming Q·Kᵀ (rows four at a time, the others several keys at a time; D and Lk with
+# vector tails) and P·V (keys in L1-sized blocks: Lk across several, Dv wide and with a tail)
 DECODE_CASES = [
     (1, 4, 1, 1, 301, 128, 128, {}),
     (2, 8, 1, 1, 777, 24, 130, {}),
@@ -461,13 +461,14 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
-def test_decode_streaming_path_matches_plain_path(case, scalar_and_simd, rng):
+def test_decode_streaming_path_matches_plain_path(case, dtype, scalar_and_simd, rng):
     """decode: the AVX2 streaming kernels for few rows and the plain-C ones both meet the
     reference bound and hide the same keys; NaN values at hidden keys stay hidden."""
     b, hq, hkv, lq, lk, d, dv, opts = DECODE_CASES[case]
-    q, k = rand(rng, (b, hq, lq, d), np.float32), rand(rng, (b, hkv, lk, d), np.float32)
-    v = rand(rng, (b, hkv, lk, dv), np.float32)
+    q, k = rand(rng, (b, hq, lq, d), dtype), rand(rng, (b, hkv, lk, d), dtype)
+    v = rand(rng, (b, hkv, lk, dv), dtype)
     if "key_lengths" in opts:
         for i, n in enumerate(opts["key_lengths"]):
             v[i, :, n:] = np.nan

@@ -20,7 +20,7 @@
 #   register-blocked micro-kernel (_gemm.h); the rows go in panels of PANEL_ROWS, and a panel
 #   runs Q·Kᵀ, the softmax and P·V over only the keys its rows see, with its scores in L1.
 #   On the causal diagonal and at window edges the work follows the visible pairs.
-# - item_chunks (no AVX2, or at most SMALL_ROWS float32 rows): BLAS tiles, BK keys wide where
+# - item_chunks (no AVX2, or at most SMALL_ROWS rows): BLAS tiles, BK keys wide where
 #   every row sees every key, chunks of `edge` keys at the interval edges computed only for
 #   the rows that see some of their keys.  With at most SMALL_ROWS rows (decoding) the two
 #   products stream the K/V rows once (_simd.h) instead of calling BLAS.
@@ -51,6 +51,10 @@ cdef extern from "_simd.h" nogil:
                    Py_ssize_t R, float *S, Py_ssize_t lds)
     void fa_pv_f32(const float *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n, const float *V,
                    Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
+    void fa_qk_f64(const double *K, Py_ssize_t ldk, Py_ssize_t n, const double *Q,
+                   Py_ssize_t D, Py_ssize_t R, double *S, Py_ssize_t lds)
+    void fa_pv_f64(const double *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
+                   const double *V, Py_ssize_t ldv, Py_ssize_t Dv, double *acc)
     const char *fa_simd_init(int use_simd)
     int fa_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
     void fa_half_rows_to_float(const uint16_t *src, Py_ssize_t ld, Py_ssize_t n,
@@ -176,6 +180,26 @@ cdef inline bint pack_n(const floating *x, Py_ssize_t ldx, Py_ssize_t k, Py_ssiz
         return fa_pack_n_f32(x, ldx, k, n, bp)
     else:
         return fa_pack_n_f64(x, ldx, k, n, bp)
+
+
+cdef inline void qk_stream(const floating *K, Py_ssize_t ldk, Py_ssize_t n, const floating *Q,
+                           Py_ssize_t D, Py_ssize_t R, floating *S,
+                           Py_ssize_t lds) noexcept nogil:
+    """S[r, j] = Q[r, :] · K[j, :] for few rows, K streamed once (_simd.h)."""
+    if floating is float:
+        fa_qk_f32(K, ldk, n, Q, D, R, S, lds)
+    else:
+        fa_qk_f64(K, ldk, n, Q, D, R, S, lds)
+
+
+cdef inline void pv_stream(const floating *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
+                           const floating *V, Py_ssize_t ldv, Py_ssize_t Dv,
+                           floating *acc) noexcept nogil:
+    """acc[r, :] += Σ_j P[r, j] V[j, :] for few rows, V streamed once, P == 0 terms skipped."""
+    if floating is float:
+        fa_pv_f32(P, lds, R, n, V, ldv, Dv, acc)
+    else:
+        fa_pv_f64(P, lds, R, n, V, ldv, Dv, acc)
 
 
 cdef inline floating row_max(const floating *x, Py_ssize_t n) noexcept nogil:
@@ -360,8 +384,8 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         # S (rn x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ
         if D == 0:
             memset(S + ra * lds, 0, rn * lds * sizeof(floating))
-        elif floating is float and rn <= SMALL_ROWS:
-            fa_qk_f32(kblk, ldk, n, Qs + ra * D, D, rn, S + ra * lds, lds)
+        elif rn <= SMALL_ROWS:
+            qk_stream(kblk, ldk, n, Qs + ra * D, D, rn, S + ra * lds, lds)
         else:
             gemm(Trans, NoTrans, <int>n, <int>rn, <int>D, <floating>1, kblk,
                  <int>ldk, Qs + ra * D, <int>D, <floating>0, S + ra * lds, <int>lds)
@@ -372,8 +396,8 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         # add only the visible terms.
         if Dv == 0:
             pass
-        elif floating is float and rn <= SMALL_ROWS:
-            fa_pv_f32(S + ra * lds, lds, rn, n, vblk, ldv, Dv, acc + ra * Dv)
+        elif rn <= SMALL_ROWS:
+            pv_stream(S + ra * lds, lds, rn, n, vblk, ldv, Dv, acc + ra * Dv)
         elif not partial or tile_finite(vblk, n, Dv, ldv):
             gemm(NoTrans, NoTrans, <int>Dv, <int>rn, <int>n, <floating>1, vblk,
                  <int>ldv, S + ra * lds, <int>lds, <floating>1, acc + ra * Dv, <int>Dv)
@@ -509,7 +533,7 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
                 wbase[j] = ninf
     memset(acc, 0, R * Dv * sizeof(floating))
 
-    if fa_gemm_ok and not (floating is float and R <= SMALL_ROWS):
+    if fa_gemm_ok and R > SMALL_ROWS:
         item_panels(P, b, h0, i0, ni, nh, off, kl, lo, hi, kbase, vbase, Qs, S, acc, mrow, lrow,
                     Kp, Vp, Cb)
     else:

@@ -28,6 +28,10 @@ typedef void (*fa_qk_f32_t)(const float *K, ptrdiff_t ldk, ptrdiff_t n, const fl
                             ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds);
 typedef void (*fa_pv_f32_t)(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                             const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc);
+typedef void (*fa_qk_f64_t)(const double *K, ptrdiff_t ldk, ptrdiff_t n, const double *Q,
+                            ptrdiff_t D, ptrdiff_t R, double *S, ptrdiff_t lds);
+typedef void (*fa_pv_f64_t)(const double *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
+                            const double *V, ptrdiff_t ldv, ptrdiff_t Dv, double *acc);
 
 /* ---- plain C reference path ---------------------------------------------------------- */
 
@@ -60,25 +64,28 @@ static double fa_expsum_f64_scalar(double *x, ptrdiff_t n, double m) {
  *   qk: S[r, j] = Q[r, :] · K[j, :]             for r < R, j < n
  *   pv: acc[r, :] += Σ_j P[r, j] V[j, :]          terms with P == 0 skipped, so a hidden
  *                                                key's non-finite V row never leaks */
-static void fa_qk_f32_scalar(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
-                             ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {
-    for (ptrdiff_t j = 0; j < n; j++)
-        for (ptrdiff_t r = 0; r < R; r++) {
-            float acc = 0;
-            for (ptrdiff_t c = 0; c < D; c++) acc += Q[r * D + c] * K[j * ldk + c];
-            S[r * lds + j] = acc;
-        }
+#define FA_STREAM_SCALAR(T, SUF)                                                           \
+static void fa_qk_##SUF##_scalar(const T *K, ptrdiff_t ldk, ptrdiff_t n, const T *Q,        \
+                                 ptrdiff_t D, ptrdiff_t R, T *S, ptrdiff_t lds) {          \
+    for (ptrdiff_t j = 0; j < n; j++)                                                      \
+        for (ptrdiff_t r = 0; r < R; r++) {                                                \
+            T acc = 0;                                                                     \
+            for (ptrdiff_t c = 0; c < D; c++) acc += Q[r * D + c] * K[j * ldk + c];         \
+            S[r * lds + j] = acc;                                                          \
+        }                                                                                  \
+}                                                                                          \
+                                                                                           \
+static void fa_pv_##SUF##_scalar(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,       \
+                                 const T *V, ptrdiff_t ldv, ptrdiff_t Dv, T *acc) {        \
+    for (ptrdiff_t j = 0; j < n; j++)                                                      \
+        for (ptrdiff_t r = 0; r < R; r++) {                                                \
+            T p = P[r * lds + j];                                                          \
+            if (p == 0) continue;                                                          \
+            for (ptrdiff_t c = 0; c < Dv; c++) acc[r * Dv + c] += p * V[j * ldv + c];      \
+        }                                                                                  \
 }
-
-static void fa_pv_f32_scalar(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
-                             const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc) {
-    for (ptrdiff_t j = 0; j < n; j++)
-        for (ptrdiff_t r = 0; r < R; r++) {
-            float p = P[r * lds + j];
-            if (p == 0) continue;
-            for (ptrdiff_t c = 0; c < Dv; c++) acc[r * Dv + c] += p * V[j * ldv + c];
-        }
-}
+FA_STREAM_SCALAR(float, f32)
+FA_STREAM_SCALAR(double, f64)
 
 /* ---- AVX2/FMA path --------------------------------------------------------------------- */
 
@@ -152,16 +159,12 @@ FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
     h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));
     return _mm_cvtsd_f64(h);
 }
-/* Streaming rows from memory: fetch every cache line of the row FA_PREFETCH_ROWS ahead. */
+/* Streaming rows from memory: V rows are fetched FA_PREFETCH_ROWS ahead, every cache line. */
 #ifndef FA_PREFETCH_ROWS
 #define FA_PREFETCH_ROWS 8
 #endif
-static inline void fa_prefetch_row(const float *X, ptrdiff_t ld, ptrdiff_t n, ptrdiff_t j,
-                                   ptrdiff_t width) {
-    if (FA_PREFETCH_ROWS == 0 || j >= n) return;
-    const char *p = (const char *)(X + j * ld);
-    for (ptrdiff_t b = 0; b < width * (ptrdiff_t)sizeof(float); b += 64)
-        _mm_prefetch(p + b, _MM_HINT_T0);
+static inline void fa_prefetch_bytes(const void *row, ptrdiff_t bytes) {
+    for (ptrdiff_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
 }
 
 /* S[r, j] = Q[r, :] · k for four rows: each vector of k is loaded once for the four rows
@@ -260,29 +263,102 @@ FA_AVX2 static void fa_qk_f32_avx2(const float *K, ptrdiff_t ldk, ptrdiff_t n, c
     }
 }
 
-/* o[0 : 8W] += Σ_j p[j] V[j, 0 : 8W], the W accumulators in registers (W fixed, so the
- * compiler unrolls them); terms with p[j] == 0 skipped.  With `pf` > 0, fetch the V rows
- * FA_PREFETCH_ROWS ahead, up to row pf (the first pass over the rows). */
-#define FA_PV_BLOCK(W)                                                                     \
-FA_AVX2 static inline void fa_pv_block##W(const float *p, ptrdiff_t n, const float *V,      \
-                                          ptrdiff_t ldv, ptrdiff_t Dv, float *o,           \
-                                          ptrdiff_t pf) {                                  \
-    __m256 a[W];                                                                           \
-    for (int t = 0; t < W; t++) a[t] = _mm256_loadu_ps(o + 8 * t);                         \
-    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
-        if (pf) fa_prefetch_row(V, ldv, pf, j + FA_PREFETCH_ROWS, Dv);                     \
-        if (p[j] == 0) continue;                                                           \
-        __m256 pv = _mm256_set1_ps(p[j]);                                                  \
-        const float *v = V + j * ldv;                                                      \
-        for (int t = 0; t < W; t++)                                                        \
-            a[t] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * t), a[t]);                  \
-    }                                                                                      \
-    for (int t = 0; t < W; t++) _mm256_storeu_ps(o + 8 * t, a[t]);                         \
+/* float64 Q·Kᵀ for few rows: as the float32 kernels above, with four doubles a vector. */
+FA_AVX2 static inline __m256d fa_hadd4x4d(__m256d a0, __m256d a1, __m256d a2, __m256d a3) {
+    __m256d h0 = _mm256_hadd_pd(a0, a1), h1 = _mm256_hadd_pd(a2, a3);   /* [sums of pairs] */
+    return _mm256_add_pd(_mm256_permute2f128_pd(h0, h1, 0x20),
+                         _mm256_permute2f128_pd(h0, h1, 0x31));         /* [a0 a1 a2 a3] */
 }
-FA_PV_BLOCK(8)
-FA_PV_BLOCK(4)
-FA_PV_BLOCK(2)
-FA_PV_BLOCK(1)
+
+FA_AVX2 static inline void fa_qk_f64_rows4(const double *k, const double *Q, ptrdiff_t D,
+                                           double *s, ptrdiff_t lds) {
+    ptrdiff_t D8 = D & ~(ptrdiff_t)7, D4 = D & ~(ptrdiff_t)3, c = 0;
+    __m256d a[4], b[4];
+    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_pd();
+    for (; c < D8; c += 8) {
+        __m256d kx = _mm256_loadu_pd(k + c), ky = _mm256_loadu_pd(k + c + 4);
+        for (int r = 0; r < 4; r++) {
+            a[r] = _mm256_fmadd_pd(_mm256_loadu_pd(Q + r * D + c), kx, a[r]);
+            b[r] = _mm256_fmadd_pd(_mm256_loadu_pd(Q + r * D + c + 4), ky, b[r]);
+        }
+    }
+    if (c < D4) {
+        __m256d kx = _mm256_loadu_pd(k + c);
+        for (int r = 0; r < 4; r++)
+            a[r] = _mm256_fmadd_pd(_mm256_loadu_pd(Q + r * D + c), kx, a[r]);
+        c += 4;
+    }
+    for (int r = 0; r < 4; r++) a[r] = _mm256_add_pd(a[r], b[r]);
+    double t[4];
+    _mm256_storeu_pd(t, fa_hadd4x4d(a[0], a[1], a[2], a[3]));
+    for (; c < D; c++)                      /* the last D % 4 features */
+        for (int r = 0; r < 4; r++) t[r] += Q[r * D + c] * k[c];
+    for (int r = 0; r < 4; r++) s[r * lds] = t[r];
+}
+
+FA_AVX2 static inline void fa_qk_f64_row1x4(const double *K, ptrdiff_t ldk, const double *q,
+                                            ptrdiff_t D, double *s) {
+    ptrdiff_t D8 = D & ~(ptrdiff_t)7, D4 = D & ~(ptrdiff_t)3;
+    __m256d a[4];
+    for (int t = 0; t < 4; t++) {
+        const double *k = K + t * ldk;
+        __m256d x = _mm256_setzero_pd(), y = x;
+        ptrdiff_t c = 0;
+        for (; c < D8; c += 8) {
+            x = _mm256_fmadd_pd(_mm256_loadu_pd(q + c), _mm256_loadu_pd(k + c), x);
+            y = _mm256_fmadd_pd(_mm256_loadu_pd(q + c + 4), _mm256_loadu_pd(k + c + 4), y);
+        }
+        if (c < D4) x = _mm256_fmadd_pd(_mm256_loadu_pd(q + c), _mm256_loadu_pd(k + c), x);
+        a[t] = _mm256_add_pd(x, y);
+    }
+    _mm256_storeu_pd(s, fa_hadd4x4d(a[0], a[1], a[2], a[3]));
+    for (ptrdiff_t c = D4; c < D; c++)
+        for (int t = 0; t < 4; t++) s[t] += q[c] * K[t * ldk + c];
+}
+
+FA_AVX2 static void fa_qk_f64_avx2(const double *K, ptrdiff_t ldk, ptrdiff_t n,
+                                   const double *Q, ptrdiff_t D, ptrdiff_t R, double *S,
+                                   ptrdiff_t lds) {
+    ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const double *k = K + j * ldk;
+        for (int t = 0; t < 4; t++)
+            for (ptrdiff_t r = 0; r < R4; r += 4)
+                fa_qk_f64_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);
+        for (ptrdiff_t r = R4; r < R; r++)
+            fa_qk_f64_row1x4(k, ldk, Q + r * D, D, S + r * lds + j);
+    }
+    for (; j < n; j++) {                    /* the last n % 4 keys: plain dot products */
+        const double *k = K + j * ldk;
+        for (ptrdiff_t r = 0; r < R; r++) {
+            double acc = 0;
+            for (ptrdiff_t c = 0; c < D; c++) acc += Q[r * D + c] * k[c];
+            S[r * lds + j] = acc;
+        }
+    }
+}
+
+/* o[0 : L W] += Σ_j p[j] V[j, 0 : L W] (L lanes a vector), the W accumulators in registers
+ * (W fixed, so the compiler unrolls them); terms with p[j] == 0 skipped.  With `pf` > 0,
+ * fetch the V rows FA_PREFETCH_ROWS ahead, up to row pf (the first pass over the rows).
+ * PS: the intrinsics' suffix (ps, pd). */
+#define FA_PV_BLOCK(T, SUF, PS, VT, L, W)                                                  \
+FA_AVX2 static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const T *V,      \
+                                                  ptrdiff_t ldv, ptrdiff_t Dv, T *o,       \
+                                                  ptrdiff_t pf) {                          \
+    VT a[W];                                                                               \
+    for (int t = 0; t < W; t++) a[t] = _mm256_loadu_##PS(o + L * t);                       \
+    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
+        if (j + FA_PREFETCH_ROWS < pf)                                                     \
+            fa_prefetch_bytes(V + (j + FA_PREFETCH_ROWS) * ldv, Dv * (ptrdiff_t)sizeof(T)); \
+        if (p[j] == 0) continue;                                                           \
+        VT pv = _mm256_set1_##PS(p[j]);                                                    \
+        const T *v = V + j * ldv;                                                          \
+        for (int t = 0; t < W; t++)                                                        \
+            a[t] = _mm256_fmadd_##PS(pv, _mm256_loadu_##PS(v + L * t), a[t]);              \
+    }                                                                                      \
+    for (int t = 0; t < W; t++) _mm256_storeu_##PS(o + L * t, a[t]);                       \
+}
 
 /* V bytes a block of keys may span so that it stays in L1 from the first pass over it (which
  * reads it from memory) through the other rows' and column blocks' passes. */
@@ -290,52 +366,59 @@ FA_PV_BLOCK(1)
 #define FA_PV_L1_BYTES 16384
 #endif
 
-/* acc[r, :] += Σ_j P[r, j] V[j, :]: 64 columns at a time in registers, then 32, 16, 8, then
- * the last Dv % 8 columns in plain C.  With more than one pass over V (several rows, or
- * Dv > 64), the keys go in blocks of FA_PV_L1_BYTES of V, every pass over a block before the
- * next block: measured streaming from memory, 1.5x faster for one row with Dv = 128 and 3.5x
- * for four rows. */
-FA_AVX2 static void fa_pv_f32_avx2(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
-                                   const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc) {
-    ptrdiff_t nb = n;
-    if (R > 1 || Dv > 64) {
-        nb = FA_PV_L1_BYTES / (Dv * (ptrdiff_t)sizeof(float));
-        if (nb < 8) nb = 8;
-    }
-    for (ptrdiff_t j0 = 0; j0 < n; j0 += nb) {
-        ptrdiff_t m = n - j0 < nb ? n - j0 : nb;
-        const float *Vb = V + j0 * ldv;
-        ptrdiff_t pf = n - j0;
-        for (ptrdiff_t r = 0; r < R; r++) {
-            const float *p = P + r * lds + j0;
-            float *o = acc + r * Dv;
-            ptrdiff_t c0 = 0;
-            for (; c0 + 64 <= Dv; c0 += 64, pf = 0)
-                fa_pv_block8(p, m, Vb + c0, ldv, Dv, o + c0, pf);
-            if (c0 + 32 <= Dv) {
-                fa_pv_block4(p, m, Vb + c0, ldv, Dv, o + c0, pf);
-                c0 += 32;
-                pf = 0;
-            }
-            if (c0 + 16 <= Dv) {
-                fa_pv_block2(p, m, Vb + c0, ldv, Dv, o + c0, pf);
-                c0 += 16;
-                pf = 0;
-            }
-            if (c0 + 8 <= Dv) {
-                fa_pv_block1(p, m, Vb + c0, ldv, Dv, o + c0, pf);
-                c0 += 8;
-                pf = 0;
-            }
-            for (ptrdiff_t c = c0; c < Dv; c++) {   /* columns past the last full vector */
-                float s = o[c];
-                for (ptrdiff_t j = 0; j < m; j++)
-                    if (p[j] != 0) s += p[j] * Vb[j * ldv + c];
-                o[c] = s;
-            }
-        }
-    }
+/* acc[r, :] += Σ_j P[r, j] V[j, :]: 8 vectors of columns at a time in registers, then 4, 2,
+ * 1, then the last Dv % L columns in plain C.  With more than one pass over V (several rows,
+ * or more than 8 vectors of columns), the keys go in blocks of FA_PV_L1_BYTES of V, every
+ * pass over a block before the next block: measured (float32) streaming from memory, 1.5x
+ * faster for one row with Dv = 128 and 3.5x for four rows. */
+#define FA_PV(T, SUF, PS, VT, L)                                                           \
+FA_PV_BLOCK(T, SUF, PS, VT, L, 8)                                                          \
+FA_PV_BLOCK(T, SUF, PS, VT, L, 4)                                                          \
+FA_PV_BLOCK(T, SUF, PS, VT, L, 2)                                                          \
+FA_PV_BLOCK(T, SUF, PS, VT, L, 1)                                                          \
+FA_AVX2 static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n, \
+                                       const T *V, ptrdiff_t ldv, ptrdiff_t Dv, T *acc) {  \
+    ptrdiff_t nb = n;                                                                      \
+    if (R > 1 || Dv > 8 * L) {                                                             \
+        nb = FA_PV_L1_BYTES / (Dv * (ptrdiff_t)sizeof(T));                                 \
+        if (nb < 8) nb = 8;                                                                \
+    }                                                                                      \
+    for (ptrdiff_t j0 = 0; j0 < n; j0 += nb) {                                             \
+        ptrdiff_t m = n - j0 < nb ? n - j0 : nb;                                           \
+        const T *Vb = V + j0 * ldv;                                                        \
+        ptrdiff_t pf = n - j0;                                                             \
+        for (ptrdiff_t r = 0; r < R; r++) {                                                \
+            const T *p = P + r * lds + j0;                                                 \
+            T *o = acc + r * Dv;                                                           \
+            ptrdiff_t c0 = 0;                                                              \
+            for (; c0 + 8 * L <= Dv; c0 += 8 * L, pf = 0)                                  \
+                fa_pv_##SUF##_block8(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
+            if (c0 + 4 * L <= Dv) {                                                        \
+                fa_pv_##SUF##_block4(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
+                c0 += 4 * L;                                                               \
+                pf = 0;                                                                    \
+            }                                                                              \
+            if (c0 + 2 * L <= Dv) {                                                        \
+                fa_pv_##SUF##_block2(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
+                c0 += 2 * L;                                                               \
+                pf = 0;                                                                    \
+            }                                                                              \
+            if (c0 + L <= Dv) {                                                            \
+                fa_pv_##SUF##_block1(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
+                c0 += L;                                                                   \
+                pf = 0;                                                                    \
+            }                                                                              \
+            for (ptrdiff_t c = c0; c < Dv; c++) {   /* columns past the last full vector */ \
+                T s = o[c];                                                                \
+                for (ptrdiff_t j = 0; j < m; j++)                                          \
+                    if (p[j] != 0) s += p[j] * Vb[j * ldv + c];                            \
+                o[c] = s;                                                                  \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
 }
+FA_PV(float, f32, ps, __m256, 8)
+FA_PV(double, f64, pd, __m256d, 4)
 
 /* float16 <-> float32 for whole contiguous arrays (F16C); round to nearest even, as NumPy. */
 __attribute__((target("avx2,f16c"))) static void fa_h2f_f16c(const uint16_t *src, float *dst,
@@ -364,6 +447,8 @@ static fa_expsum_f32_t fa_expsum_f32 = fa_expsum_f32_scalar;
 static fa_expsum_f64_t fa_expsum_f64 = fa_expsum_f64_scalar;
 static fa_qk_f32_t fa_qk_f32 = fa_qk_f32_scalar;
 static fa_pv_f32_t fa_pv_f32 = fa_pv_f32_scalar;
+static fa_qk_f64_t fa_qk_f64 = fa_qk_f64_scalar;
+static fa_pv_f64_t fa_pv_f64 = fa_pv_f64_scalar;
 static const char *fa_simd_name = "scalar";
 static int fa_have_f16c = 0;
 
@@ -419,6 +504,8 @@ static const char *fa_simd_init(int use_simd) {
     fa_expsum_f64 = fa_expsum_f64_scalar;
     fa_qk_f32 = fa_qk_f32_scalar;
     fa_pv_f32 = fa_pv_f32_scalar;
+    fa_qk_f64 = fa_qk_f64_scalar;
+    fa_pv_f64 = fa_pv_f64_scalar;
     fa_simd_name = "scalar";
     fa_have_f16c = 0;
     fa_gemm_ok = 0;
@@ -433,6 +520,8 @@ static const char *fa_simd_init(int use_simd) {
             fa_expsum_f64 = fa_expsum_f64_avx2;
             fa_qk_f32 = fa_qk_f32_avx2;
             fa_pv_f32 = fa_pv_f32_avx2;
+            fa_qk_f64 = fa_qk_f64_avx2;
+            fa_pv_f64 = fa_pv_f64_avx2;
             fa_gemm_ok = 1;
             fa_simd_name = "avx2+fma";
         }
