@@ -51,6 +51,11 @@ cdef extern from "_simd.h" nogil:
                    Py_ssize_t R, float *S, Py_ssize_t lds)
     void fa_pv_f32(const float *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n, const float *V,
                    Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
+    void fa_qk_f16(const uint16_t *K, Py_ssize_t ldk, Py_ssize_t n, const float *Q,
+                   Py_ssize_t D, Py_ssize_t R, float *S, Py_ssize_t lds)
+    void fa_pv_f16(const float *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
+                   const uint16_t *V, Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
+    int fa_f16_stream_ok
     void fa_qk_f64(const double *K, Py_ssize_t ldk, Py_ssize_t n, const double *Q,
                    Py_ssize_t D, Py_ssize_t R, double *S, Py_ssize_t lds)
     void fa_pv_f64(const double *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
@@ -124,8 +129,9 @@ ctypedef struct Problem:
     char *v
     const int64_t *v_boff
     Py_ssize_t v_sh, v_sl
-    int kv_half                   # K and V are float16 (computing in float32): converted a
-                                  # tile at a time into scratch, never as whole arrays
+    int kv_half                   # K and V are float16 (computing in float32): read in
+                                  # place, converted in registers (F16C, few rows) or a tile
+                                  # at a time into scratch, never as whole arrays
     char *o                       # OUT (*batch, Hq, Lq, Dv), any strides
     const int64_t *o_boff
     Py_ssize_t o_sh, o_sl, o_sd
@@ -352,6 +358,8 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
     cdef Py_ssize_t D = P.d, Dv = P.dv, BK = P.bk, R = nh * ni, lds = P.bk
     cdef Py_ssize_t kb, n, ldk, ldv
     cdef bint partial
+    # float16 K/V and few rows: streamed as they are, converted in registers (F16C)
+    cdef bint half_stream = P.kv_half and fa_f16_stream_ok and R <= SMALL_ROWS
     # Inside [full_lo, full_hi) every row sees every key: big tiles, no edge masks.  Outside
     # it (the causal diagonal, the window edges) small key chunks, each computed only for
     # the rows that see any of its keys: a contiguous range when the rows are consecutive
@@ -379,11 +387,16 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         if rn == 0:
             kb += n
             continue
-        kblk = kv_tile(P, kbase, kb, n, P.k_sl, D, Kc, &ldk)
-        vblk = kv_tile(P, vbase, kb, n, P.v_sl, Dv, Vc, &ldv)
+        if not half_stream:
+            kblk = kv_tile(P, kbase, kb, n, P.k_sl, D, Kc, &ldk)
+            vblk = kv_tile(P, vbase, kb, n, P.v_sl, Dv, Vc, &ldv)
         # S (rn x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ
         if D == 0:
             memset(S + ra * lds, 0, rn * lds * sizeof(floating))
+        elif half_stream:
+            if floating is float:
+                fa_qk_f16(<const uint16_t *>kbase + kb * P.k_sl, P.k_sl, n, Qs + ra * D, D, rn,
+                          S + ra * lds, lds)
         elif rn <= SMALL_ROWS:
             qk_stream(kblk, ldk, n, Qs + ra * D, D, rn, S + ra * lds, lds)
         else:
@@ -396,6 +409,10 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         # add only the visible terms.
         if Dv == 0:
             pass
+        elif half_stream:
+            if floating is float:
+                fa_pv_f16(S + ra * lds, lds, rn, n, <const uint16_t *>vbase + kb * P.v_sl,
+                          P.v_sl, Dv, acc + ra * Dv)
         elif rn <= SMALL_ROWS:
             pv_stream(S + ra * lds, lds, rn, n, vblk, ldv, Dv, acc + ra * Dv)
         elif not partial or tile_finite(vblk, n, Dv, ldv):

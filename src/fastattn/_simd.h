@@ -28,10 +28,31 @@ typedef void (*fa_qk_f32_t)(const float *K, ptrdiff_t ldk, ptrdiff_t n, const fl
                             ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds);
 typedef void (*fa_pv_f32_t)(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                             const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc);
+/* float32 Q and sums, float16 K / V (F16C only: elsewhere the caller converts tiles first) */
+typedef void (*fa_qk_f16_t)(const uint16_t *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
+                            ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds);
+typedef void (*fa_pv_f16_t)(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
+                            const uint16_t *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc);
 typedef void (*fa_qk_f64_t)(const double *K, ptrdiff_t ldk, ptrdiff_t n, const double *Q,
                             ptrdiff_t D, ptrdiff_t R, double *S, ptrdiff_t lds);
 typedef void (*fa_pv_f64_t)(const double *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                             const double *V, ptrdiff_t ldv, ptrdiff_t Dv, double *acc);
+
+/* One float16 value as float32 (exact): sign, exponent rebias, subnormals scaled. */
+static inline float fa_half_to_float1(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13);              /* inf, NaN (payload kept) */
+    } else if (e) {
+        bits = sign | ((e + 112) << 23) | (m << 13);        /* normal */
+    } else {
+        float f = (float)m * 5.9604644775390625e-8f;        /* ±0, subnormal: m 2^-24 */
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 /* ---- plain C reference path ---------------------------------------------------------- */
 
@@ -159,6 +180,8 @@ FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
     h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));
     return _mm_cvtsd_f64(h);
 }
+#define FA_F16C __attribute__((target("avx2,fma,f16c")))
+
 /* Streaming rows from memory: V rows are fetched FA_PREFETCH_ROWS ahead, every cache line. */
 #ifndef FA_PREFETCH_ROWS
 #define FA_PREFETCH_ROWS 8
@@ -167,101 +190,111 @@ static inline void fa_prefetch_bytes(const void *row, ptrdiff_t bytes) {
     for (ptrdiff_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
 }
 
-/* S[r, j] = Q[r, :] · k for four rows: each vector of k is loaded once for the four rows
- * (five loads per four FMAs, against two per FMA row by row), two accumulators a row, and the
- * four sums reduced together. */
-FA_AVX2 static inline void fa_qk_rows4(const float *k, const float *Q, ptrdiff_t D, float *s,
-                                       ptrdiff_t lds) {
-    ptrdiff_t D16 = D & ~(ptrdiff_t)15, D8 = D & ~(ptrdiff_t)7, c = 0;
-    __m256 a[4], b[4];
-    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
-    for (; c < D16; c += 16) {
-        __m256 kx = _mm256_loadu_ps(k + c), ky = _mm256_loadu_ps(k + c + 8);
-        for (int r = 0; r < 4; r++) {
-            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + c), kx, a[r]);
-            b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + c + 8), ky, b[r]);
-        }
-    }
-    if (c < D8) {
-        __m256 kx = _mm256_loadu_ps(k + c);
-        for (int r = 0; r < 4; r++)
-            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + c), kx, a[r]);
-        c += 8;
-    }
-    /* lane r of h: row r's sum */
-    for (int r = 0; r < 4; r++) a[r] = _mm256_add_ps(a[r], b[r]);
-    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    float t[4];
-    _mm_storeu_ps(t, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    for (; c < D; c++)                      /* the last D % 8 features */
-        for (int r = 0; r < 4; r++) t[r] += Q[r * D + c] * k[c];
-    for (int r = 0; r < 4; r++) s[r * lds] = t[r];
+/* float32 Q·Kᵀ for few rows, generated for float32 K and, with F16C, for float16 K
+ * converted as it is loaded (KT the stored type, LOADK eight of them as floats, KVAL one).
+ *   rows4: S[r, j] = Q[r, :] · k for four rows: each vector of k is loaded once for the four
+ *     rows (five loads per four FMAs, against two per FMA row by row), two accumulators a
+ *     row, and the four sums reduced together.
+ *   row1x8: s[t] = q · K[t, :] for eight consecutive keys t: the keys one after another (K
+ *     stays one sequential stream), each into its own vector of partial sums, then the eight
+ *     vectors reduced together into one vector of scores (no horizontal sum per key).
+ *   row1: one row, one key: four accumulators, 32 features a step.
+ *   The driver reads K as one sequential stream (eight keys side by side, with a software
+ *   prefetch, streamed at 0.7-0.8 of this speed here), in blocks of eight keys: the rows four
+ *   at a time key by key, the other rows eight keys at a time; the last n % 8 keys one by
+ *   one. */
+#define FA_QK_F32(ATTR, SUF, KT, LOADK, KVAL)                                              \
+ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff_t D,       \
+                                            float *s, ptrdiff_t lds) {                     \
+    ptrdiff_t D16 = D & ~(ptrdiff_t)15, D8 = D & ~(ptrdiff_t)7, c = 0;                     \
+    __m256 a[4], b[4];                                                                     \
+    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();                         \
+    for (; c < D16; c += 16) {                                                             \
+        __m256 kx = LOADK(k + c), ky = LOADK(k + c + 8);                                   \
+        for (int r = 0; r < 4; r++) {                                                      \
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + c), kx, a[r]);              \
+            b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + c + 8), ky, b[r]);          \
+        }                                                                                  \
+    }                                                                                      \
+    if (c < D8) {                                                                          \
+        __m256 kx = LOADK(k + c);                                                          \
+        for (int r = 0; r < 4; r++)                                                        \
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + c), kx, a[r]);              \
+        c += 8;                                                                            \
+    }                                                                                      \
+    /* lane r of h: row r's sum */                                                         \
+    for (int r = 0; r < 4; r++) a[r] = _mm256_add_ps(a[r], b[r]);                          \
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));     \
+    float t[4];                                                                            \
+    _mm_storeu_ps(t, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));  \
+    for (; c < D; c++)                      /* the last D % 8 features */                  \
+        for (int r = 0; r < 4; r++) t[r] += Q[r * D + c] * KVAL(k[c]);                     \
+    for (int r = 0; r < 4; r++) s[r * lds] = t[r];                                         \
+}                                                                                          \
+                                                                                           \
+ATTR static inline void fa_qk_##SUF##_row1x8(const KT *K, ptrdiff_t ldk, const float *q,    \
+                                             ptrdiff_t D, float *s) {                      \
+    ptrdiff_t D16 = D & ~(ptrdiff_t)15, D8 = D & ~(ptrdiff_t)7;                            \
+    __m256 a[8];                                                                           \
+    for (int t = 0; t < 8; t++) {                                                          \
+        const KT *k = K + t * ldk;                                                         \
+        __m256 x = _mm256_setzero_ps(), y = x;                                             \
+        ptrdiff_t c = 0;                                                                   \
+        for (; c < D16; c += 16) {                                                         \
+            x = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), LOADK(k + c), x);                  \
+            y = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), LOADK(k + c + 8), y);          \
+        }                                                                                  \
+        if (c < D8) x = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), LOADK(k + c), x);          \
+        a[t] = _mm256_add_ps(x, y);                                                        \
+    }                                                                                      \
+    /* g0: keys 0-3 (each 128-bit half holds half of every key's sum), g1: keys 4-7 */     \
+    __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));    \
+    __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));    \
+    _mm256_storeu_ps(s, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20),                \
+                                      _mm256_permute2f128_ps(g0, g1, 0x31)));              \
+    for (ptrdiff_t c = D8; c < D; c++)      /* the last D % 8 features */                  \
+        for (int t = 0; t < 8; t++) s[t] += q[c] * KVAL(K[t * ldk + c]);                   \
+}                                                                                          \
+                                                                                           \
+ATTR static inline float fa_qk_##SUF##_row1(const KT *k, const float *q, ptrdiff_t D) {     \
+    ptrdiff_t D32 = D & ~(ptrdiff_t)31, D8 = D & ~(ptrdiff_t)7, c = 0;                     \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                            \
+    for (; c < D32; c += 32) {                                                             \
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), LOADK(k + c), a0);                    \
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), LOADK(k + c + 8), a1);            \
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 16), LOADK(k + c + 16), a2);          \
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 24), LOADK(k + c + 24), a3);          \
+    }                                                                                      \
+    for (; c < D8; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), LOADK(k + c), a0);  \
+    float acc = fa_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));     \
+    for (; c < D; c++) acc += q[c] * KVAL(k[c]);                                           \
+    return acc;                                                                            \
+}                                                                                          \
+                                                                                           \
+ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q, \
+                                    ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {   \
+    ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;                                               \
+    for (; j + 8 <= n; j += 8) {                                                           \
+        const KT *k = K + j * ldk;                                                         \
+        for (int t = 0; t < 8; t++)                                                        \
+            for (ptrdiff_t r = 0; r < R4; r += 4)                                          \
+                fa_qk_##SUF##_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);  \
+        for (ptrdiff_t r = R4; r < R; r++)                                                 \
+            fa_qk_##SUF##_row1x8(k, ldk, Q + r * D, D, S + r * lds + j);                   \
+    }                                                                                      \
+    for (; j < n; j++) {                                                                   \
+        const KT *k = K + j * ldk;                                                         \
+        ptrdiff_t r = 0;                                                                   \
+        for (; r < R4; r += 4) fa_qk_##SUF##_rows4(k, Q + r * D, D, S + r * lds + j, lds);  \
+        for (; r < R; r++) S[r * lds + j] = fa_qk_##SUF##_row1(k, Q + r * D, D);           \
+    }                                                                                      \
 }
 
-/* s[t] = q · K[t, :] for eight consecutive keys t: the keys one after another (K stays one
- * sequential stream), each into its own vector of partial sums, then the eight vectors
- * reduced together into one vector of scores (no horizontal sum per key). */
-FA_AVX2 static inline void fa_qk_row1x8(const float *K, ptrdiff_t ldk, const float *q,
-                                        ptrdiff_t D, float *s) {
-    ptrdiff_t D16 = D & ~(ptrdiff_t)15, D8 = D & ~(ptrdiff_t)7;
-    __m256 a[8];
-    for (int t = 0; t < 8; t++) {
-        const float *k = K + t * ldk;
-        __m256 x = _mm256_setzero_ps(), y = x;
-        ptrdiff_t c = 0;
-        for (; c < D16; c += 16) {
-            x = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), x);
-            y = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), _mm256_loadu_ps(k + c + 8), y);
-        }
-        if (c < D8) x = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), x);
-        a[t] = _mm256_add_ps(x, y);
-    }
-    /* g0: keys 0-3 (each 128-bit half holds half of every key's sum), g1: keys 4-7 */
-    __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    _mm256_storeu_ps(s, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20),
-                                      _mm256_permute2f128_ps(g0, g1, 0x31)));
-    for (ptrdiff_t c = D8; c < D; c++)      /* the last D % 8 features */
-        for (int t = 0; t < 8; t++) s[t] += q[c] * K[t * ldk + c];
-}
-
-/* S[r, j] = Q[r, :] · k for one row: four accumulators, 32 features a step. */
-FA_AVX2 static inline float fa_qk_row1(const float *k, const float *q, ptrdiff_t D) {
-    ptrdiff_t D32 = D & ~(ptrdiff_t)31, D8 = D & ~(ptrdiff_t)7, c = 0;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; c < D32; c += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), _mm256_loadu_ps(k + c + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 16), _mm256_loadu_ps(k + c + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 24), _mm256_loadu_ps(k + c + 24), a3);
-    }
-    for (; c < D8; c += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a0);
-    float acc = fa_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; c < D; c++) acc += q[c] * k[c];
-    return acc;
-}
-
-/* K read as one sequential stream (eight keys side by side, with a software prefetch,
- * streamed at 0.7-0.8 of this speed here), in blocks of eight keys: the rows four at a time
- * key by key, the other rows eight keys at a time; the last n % 8 keys one by one. */
-FA_AVX2 static void fa_qk_f32_avx2(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
-                                   ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {
-    ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const float *k = K + j * ldk;
-        for (int t = 0; t < 8; t++)
-            for (ptrdiff_t r = 0; r < R4; r += 4)
-                fa_qk_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);
-        for (ptrdiff_t r = R4; r < R; r++) fa_qk_row1x8(k, ldk, Q + r * D, D, S + r * lds + j);
-    }
-    for (; j < n; j++) {
-        const float *k = K + j * ldk;
-        ptrdiff_t r = 0;
-        for (; r < R4; r += 4) fa_qk_rows4(k, Q + r * D, D, S + r * lds + j, lds);
-        for (; r < R; r++) S[r * lds + j] = fa_qk_row1(k, Q + r * D, D);
-    }
-}
+#define FA_LOAD8_F32(p) _mm256_loadu_ps(p)
+#define FA_LOAD8_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define FA_AS_IS(x) (x)
+FA_QK_F32(FA_AVX2, f32, float, FA_LOAD8_F32, FA_AS_IS)
+FA_QK_F32(FA_F16C, f16, uint16_t, FA_LOAD8_F16, fa_half_to_float1)
 
 /* float64 Q·Kᵀ for few rows: as the float32 kernels above, with four doubles a vector. */
 FA_AVX2 static inline __m256d fa_hadd4x4d(__m256d a0, __m256d a1, __m256d a2, __m256d a3) {
@@ -341,21 +374,22 @@ FA_AVX2 static void fa_qk_f64_avx2(const double *K, ptrdiff_t ldk, ptrdiff_t n,
 /* o[0 : L W] += Σ_j p[j] V[j, 0 : L W] (L lanes a vector), the W accumulators in registers
  * (W fixed, so the compiler unrolls them); terms with p[j] == 0 skipped.  With `pf` > 0,
  * fetch the V rows FA_PREFETCH_ROWS ahead, up to row pf (the first pass over the rows).
- * PS: the intrinsics' suffix (ps, pd). */
-#define FA_PV_BLOCK(T, SUF, PS, VT, L, W)                                                  \
-FA_AVX2 static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const T *V,      \
-                                                  ptrdiff_t ldv, ptrdiff_t Dv, T *o,       \
-                                                  ptrdiff_t pf) {                          \
+ * T: the type of P and of the sums; VS: V's stored type, LOADV loading L of them as T,
+ * VVAL one; PS: the intrinsics' suffix (ps, pd). */
+#define FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, W)                                 \
+ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS *V,        \
+                                               ptrdiff_t ldv, ptrdiff_t Dv, T *o,          \
+                                               ptrdiff_t pf) {                             \
     VT a[W];                                                                               \
     for (int t = 0; t < W; t++) a[t] = _mm256_loadu_##PS(o + L * t);                       \
     for (ptrdiff_t j = 0; j < n; j++) {                                                    \
         if (j + FA_PREFETCH_ROWS < pf)                                                     \
-            fa_prefetch_bytes(V + (j + FA_PREFETCH_ROWS) * ldv, Dv * (ptrdiff_t)sizeof(T)); \
+            fa_prefetch_bytes(V + (j + FA_PREFETCH_ROWS) * ldv, Dv * (ptrdiff_t)sizeof(VS)); \
         if (p[j] == 0) continue;                                                           \
         VT pv = _mm256_set1_##PS(p[j]);                                                    \
-        const T *v = V + j * ldv;                                                          \
+        const VS *v = V + j * ldv;                                                         \
         for (int t = 0; t < W; t++)                                                        \
-            a[t] = _mm256_fmadd_##PS(pv, _mm256_loadu_##PS(v + L * t), a[t]);              \
+            a[t] = _mm256_fmadd_##PS(pv, LOADV(v + L * t), a[t]);                          \
     }                                                                                      \
     for (int t = 0; t < W; t++) _mm256_storeu_##PS(o + L * t, a[t]);                       \
 }
@@ -371,21 +405,21 @@ FA_AVX2 static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const
  * or more than 8 vectors of columns), the keys go in blocks of FA_PV_L1_BYTES of V, every
  * pass over a block before the next block: measured (float32) streaming from memory, 1.5x
  * faster for one row with Dv = 128 and 3.5x for four rows. */
-#define FA_PV(T, SUF, PS, VT, L)                                                           \
-FA_PV_BLOCK(T, SUF, PS, VT, L, 8)                                                          \
-FA_PV_BLOCK(T, SUF, PS, VT, L, 4)                                                          \
-FA_PV_BLOCK(T, SUF, PS, VT, L, 2)                                                          \
-FA_PV_BLOCK(T, SUF, PS, VT, L, 1)                                                          \
-FA_AVX2 static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n, \
-                                       const T *V, ptrdiff_t ldv, ptrdiff_t Dv, T *acc) {  \
+#define FA_PV(ATTR, T, VS, SUF, PS, VT, L, LOADV, VVAL)                                    \
+FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 8)                                         \
+FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 4)                                         \
+FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 2)                                         \
+FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 1)                                         \
+ATTR static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,    \
+                                    const VS *V, ptrdiff_t ldv, ptrdiff_t Dv, T *acc) {    \
     ptrdiff_t nb = n;                                                                      \
     if (R > 1 || Dv > 8 * L) {                                                             \
-        nb = FA_PV_L1_BYTES / (Dv * (ptrdiff_t)sizeof(T));                                 \
+        nb = FA_PV_L1_BYTES / (Dv * (ptrdiff_t)sizeof(VS));                                \
         if (nb < 8) nb = 8;                                                                \
     }                                                                                      \
     for (ptrdiff_t j0 = 0; j0 < n; j0 += nb) {                                             \
         ptrdiff_t m = n - j0 < nb ? n - j0 : nb;                                           \
-        const T *Vb = V + j0 * ldv;                                                        \
+        const VS *Vb = V + j0 * ldv;                                                       \
         ptrdiff_t pf = n - j0;                                                             \
         for (ptrdiff_t r = 0; r < R; r++) {                                                \
             const T *p = P + r * lds + j0;                                                 \
@@ -411,14 +445,16 @@ FA_AVX2 static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, p
             for (ptrdiff_t c = c0; c < Dv; c++) {   /* columns past the last full vector */ \
                 T s = o[c];                                                                \
                 for (ptrdiff_t j = 0; j < m; j++)                                          \
-                    if (p[j] != 0) s += p[j] * Vb[j * ldv + c];                            \
+                    if (p[j] != 0) s += p[j] * VVAL(Vb[j * ldv + c]);                      \
                 o[c] = s;                                                                  \
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
 }
-FA_PV(float, f32, ps, __m256, 8)
-FA_PV(double, f64, pd, __m256d, 4)
+#define FA_LOAD4_F64(p) _mm256_loadu_pd(p)
+FA_PV(FA_AVX2, float, float, f32, ps, __m256, 8, FA_LOAD8_F32, FA_AS_IS)
+FA_PV(FA_AVX2, double, double, f64, pd, __m256d, 4, FA_LOAD4_F64, FA_AS_IS)
+FA_PV(FA_F16C, float, uint16_t, f16, ps, __m256, 8, FA_LOAD8_F16, fa_half_to_float1)
 
 /* float16 <-> float32 for whole contiguous arrays (F16C); round to nearest even, as NumPy. */
 __attribute__((target("avx2,f16c"))) static void fa_h2f_f16c(const uint16_t *src, float *dst,
@@ -449,6 +485,9 @@ static fa_qk_f32_t fa_qk_f32 = fa_qk_f32_scalar;
 static fa_pv_f32_t fa_pv_f32 = fa_pv_f32_scalar;
 static fa_qk_f64_t fa_qk_f64 = fa_qk_f64_scalar;
 static fa_pv_f64_t fa_pv_f64 = fa_pv_f64_scalar;
+static fa_qk_f16_t fa_qk_f16 = NULL;
+static fa_pv_f16_t fa_pv_f16 = NULL;
+static int fa_f16_stream_ok = 0;
 static const char *fa_simd_name = "scalar";
 static int fa_have_f16c = 0;
 
@@ -467,22 +506,6 @@ static int fa_float_to_half(const float *src, uint16_t *dst, ptrdiff_t n) {
 #endif
     (void)src; (void)dst; (void)n;
     return 0;
-}
-
-/* One float16 value as float32 (exact): sign, exponent rebias, subnormals scaled. */
-static inline float fa_half_to_float1(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, bits;
-    if (e == 0x1f) {
-        bits = sign | 0x7f800000u | (m << 13);              /* inf, NaN (payload kept) */
-    } else if (e) {
-        bits = sign | ((e + 112) << 23) | (m << 13);        /* normal */
-    } else {
-        float f = (float)m * 5.9604644775390625e-8f;        /* ±0, subnormal: m 2^-24 */
-        return sign ? -f : f;
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
 }
 
 /* dst (n x width, contiguous) = rows [0, n) of src (row stride ld) as float32 */
@@ -506,6 +529,9 @@ static const char *fa_simd_init(int use_simd) {
     fa_pv_f32 = fa_pv_f32_scalar;
     fa_qk_f64 = fa_qk_f64_scalar;
     fa_pv_f64 = fa_pv_f64_scalar;
+    fa_qk_f16 = NULL;
+    fa_pv_f16 = NULL;
+    fa_f16_stream_ok = 0;
     fa_simd_name = "scalar";
     fa_have_f16c = 0;
     fa_gemm_ok = 0;
@@ -522,6 +548,11 @@ static const char *fa_simd_init(int use_simd) {
             fa_pv_f32 = fa_pv_f32_avx2;
             fa_qk_f64 = fa_qk_f64_avx2;
             fa_pv_f64 = fa_pv_f64_avx2;
+            if (fa_have_f16c) {
+                fa_qk_f16 = fa_qk_f16_avx2;
+                fa_pv_f16 = fa_pv_f16_avx2;
+                fa_f16_stream_ok = 1;
+            }
             fa_gemm_ok = 1;
             fa_simd_name = "avx2+fma";
         }
