@@ -50,11 +50,11 @@ def _same(a, b):
     return np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("case", THREAD_CASES, ids=[c[0] for c in THREAD_CASES])
 def test_one_vs_two_kernel_threads_bitwise(case, dtype, rng):
     """threads: num_threads=1 and 2 give bitwise equal results (decode shapes where the kernel
-    splits the KV axis, GQA, prefill, weights)."""
+    splits the KV axis, GQA, prefill, weights; float16 K/V read in place)."""
     q, k, v, kw = _make(case, rng, dtype)
     one = fastattn.attention(q, k, v, num_threads=1, **kw)
     two = fastattn.attention(q, k, v, num_threads=2, **kw)
