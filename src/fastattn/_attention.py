@@ -5,6 +5,7 @@ the argument and the shapes involved.  The kernel (``_kernel.pyx``) then receive
 can read in place: per-batch element offsets (so any number of batch axes, broadcast axes
 being stride 0), head/row/feature strides, and K/V whose rows BLAS can read directly.
 """
+import functools
 import math
 import operator
 
@@ -268,8 +269,10 @@ def _real(x, name):
     return float(x)
 
 
+@functools.lru_cache(maxsize=256)
 def _tiling(nb, hq, hkv, lq, lk, d, dv, with_weights):
-    """(heads, rows, bk, edge, n_splits, split_len): the work item's extent."""
+    """((heads, rows, bk, edge, n_splits, split_len), work items): the work item's extent.
+    Cached: computing it costs a third of a small call (1.8 of 6 us)."""
     group = hq // hkv
     bk = max(EDGE_K, min(BLOCK_K, TILE_ELEMENTS // max(d, dv, 1)))
     if lq >= BLOCK_Q:
