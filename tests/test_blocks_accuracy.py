@@ -257,25 +257,12 @@ def test_multihead_attention_within_2x_torch_error(torch, kind):
     assert_within_2x_torch(functools.partial(case_mha, torch), kind)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_layer_within_2x_torch_error(torch, norm_first, activation):
-    assert_within_2x_torch(functools.partial(case_encoder_layer, torch), norm_first, activation)
+BLOCK_CASES = {"encoder_layer": case_encoder_layer, "decoder_layer": case_decoder_layer,
+               "encoder_stack": case_encoder, "decoder_stack": case_decoder}
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_decoder_layer_within_2x_torch_error(torch, norm_first, activation):
-    assert_within_2x_torch(functools.partial(case_decoder_layer, torch), norm_first, activation)
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_stack_within_2x_torch_error(torch, norm_first, activation):
-    assert_within_2x_torch(functools.partial(case_encoder, torch), norm_first, activation)
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_decoder_stack_within_2x_torch_error(torch, norm_first, activation):
-    assert_within_2x_torch(functools.partial(case_decoder, torch), norm_first, activation)
+@pytest.mark.parametrize("block", list(BLOCK_CASES))
+def test_layers_and_stacks_within_2x_torch_error(torch, block, norm_first, activation):
+    assert_within_2x_torch(functools.partial(BLOCK_CASES[block], torch), norm_first, activation)
