@@ -39,7 +39,7 @@ static int fa_gemm_ok = 0;
 #ifdef FA_HAVE_X86
 
 /* One generator for both dtypes: V is the vector type, W its width, NR = 2 W. */
-#define FA_GEMM_DEFINE(SUF, T, V, W, LOADU, STOREU, SET1, ZERO, FMADD, ADD)                   \
+#define FA_GEMM_DEFINE(SUF, T, V, W, LOADU, STOREU, SET1, ZERO, FMADD, ADD, SUB)              \
 FA_AVX2 static void fa_ukr_##SUF(ptrdiff_t k, const T *A, ptrdiff_t lda, ptrdiff_t mr,       \
                                  const T *B, T *C, ptrdiff_t ldc, ptrdiff_t nr,              \
                                  int accumulate) {                                           \
@@ -99,24 +99,36 @@ FA_AVX2 static void fa_gemm_##SUF(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T
 }                                                                                            \
                                                                                              \
 /* Bp := the panels of X (k x n, row stride ldx): contiguous row pieces, zero past n.        \
- * Returns 1 when every element of X is finite (v - v is 0 only for finite v). */            \
-static int fa_pack_n_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t k, ptrdiff_t n, T *Bp) {    \
-    int finite = 1;                                                                          \
+ * Returns 1 when every element of X is finite: v - v is 0 for finite v and NaN otherwise,   \
+ * and a sum of those is 0 only when all of them are. */                                     \
+FA_AVX2 static int fa_pack_n_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t k, ptrdiff_t n,     \
+                                   T *Bp) {                                                  \
+    V bad = ZERO();                                                                          \
+    T bad_tail = 0;                                                                          \
     for (ptrdiff_t j = 0; j < n; j += 2 * W) {                                               \
         ptrdiff_t nr = n - j < 2 * W ? n - j : 2 * W;                                        \
         T *bp = Bp + (j / (2 * W)) * k * 2 * W;                                              \
         for (ptrdiff_t p = 0; p < k; p++) {                                                  \
             const T *x = X + p * ldx + j;                                                    \
             T *d = bp + p * 2 * W;                                                           \
+            if (nr == 2 * W) {                                                               \
+                V v0 = LOADU(x), v1 = LOADU(x + W);                                          \
+                STOREU(d, v0);                                                               \
+                STOREU(d + W, v1);                                                           \
+                bad = ADD(bad, ADD(SUB(v0, v0), SUB(v1, v1)));                               \
+                continue;                                                                    \
+            }                                                                                \
             for (ptrdiff_t t = 0; t < nr; t++) {                                             \
-                T v = x[t];                                                                  \
-                d[t] = v;                                                                    \
-                finite &= (v - v == 0);                                                      \
+                d[t] = x[t];                                                                 \
+                bad_tail += x[t] - x[t];                                                     \
             }                                                                                \
             for (ptrdiff_t t = nr; t < 2 * W; t++) d[t] = 0;                                 \
         }                                                                                    \
     }                                                                                        \
-    return finite;                                                                           \
+    T lanes[W];                                                                              \
+    STOREU(lanes, bad);                                                                      \
+    for (ptrdiff_t t = 0; t < W; t++) bad_tail += lanes[t];                                  \
+    return bad_tail == 0;                                                                    \
 }                                                                                            \
                                                                                              \
 /* Bp := the panels of Xᵀ for X (n x k, row stride ldx): row r of X becomes column r */      \
@@ -135,9 +147,9 @@ static void fa_pack_t_##SUF##_plain(const T *X, ptrdiff_t ldx, ptrdiff_t n, ptrd
 }
 
 FA_GEMM_DEFINE(f32, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
-               _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_add_ps)
+               _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_sub_ps)
 FA_GEMM_DEFINE(f64, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
-               _mm256_setzero_pd, _mm256_fmadd_pd, _mm256_add_pd)
+               _mm256_setzero_pd, _mm256_fmadd_pd, _mm256_add_pd, _mm256_sub_pd)
 
 /* fa_pack_t for float32: full panels of 16 rows as 8 x 8 register transposes */
 FA_AVX2 static void fa_pack_t_f32(const float *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,
@@ -178,7 +190,33 @@ FA_AVX2 static void fa_pack_t_f32(const float *X, ptrdiff_t ldx, ptrdiff_t n, pt
         fa_pack_t_f32_plain(X + nfull * ldx, ldx, n - nfull, k, Bp + (nfull / 16) * k * 16);
 }
 
-#define fa_pack_t_f64 fa_pack_t_f64_plain
+/* fa_pack_t for float64: full panels of 8 rows as 4 x 4 register transposes */
+FA_AVX2 static void fa_pack_t_f64(const double *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,
+                                  double *Bp) {
+    ptrdiff_t nfull = n / 8 * 8, k4 = k / 4 * 4;
+    for (ptrdiff_t j = 0; j < nfull; j += 8) {
+        double *bp = Bp + (j / 8) * k * 8;
+        for (ptrdiff_t half = 0; half < 8; half += 4) {
+            const double *x = X + (j + half) * ldx;
+            for (ptrdiff_t p = 0; p < k4; p += 4) {
+                __m256d r0 = _mm256_loadu_pd(x + p), r1 = _mm256_loadu_pd(x + ldx + p);
+                __m256d r2 = _mm256_loadu_pd(x + 2 * ldx + p);
+                __m256d r3 = _mm256_loadu_pd(x + 3 * ldx + p);
+                __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+                __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+                double *d = bp + p * 8 + half;
+                _mm256_storeu_pd(d + 0 * 8, _mm256_permute2f128_pd(t0, t2, 0x20));
+                _mm256_storeu_pd(d + 1 * 8, _mm256_permute2f128_pd(t1, t3, 0x20));
+                _mm256_storeu_pd(d + 2 * 8, _mm256_permute2f128_pd(t0, t2, 0x31));
+                _mm256_storeu_pd(d + 3 * 8, _mm256_permute2f128_pd(t1, t3, 0x31));
+            }
+            for (ptrdiff_t t = 0; t < 4; t++)             /* columns past the last 4 */
+                for (ptrdiff_t p = k4; p < k; p++) bp[p * 8 + half + t] = x[t * ldx + p];
+        }
+    }
+    if (nfull < n)
+        fa_pack_t_f64_plain(X + nfull * ldx, ldx, n - nfull, k, Bp + (nfull / 8) * k * 8);
+}
 
 #else  /* no x86-64: never called (fa_gemm_ok stays 0), defined so the kernel links */
 
