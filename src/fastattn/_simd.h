@@ -405,8 +405,9 @@ ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS
  * rows, or more than one block of columns), the keys go in blocks of FA_PV_L1_BYTES of V,
  * every pass over a block before the next block: measured (float32) streaming from memory,
  * 1.5x faster for one row with Dv = 128 in two blocks of 8 vectors and 3.5x for four rows.
- * One row with Dv = 128 in one block of 16 (one pass, V read as one sequential stream) was
- * faster still: C harness, 256 MB of V, 13.1-13.7 -> 17.6-18.2 GB/s. */
+ * One row with Dv = 128 in one block of 16 (one pass, V read as one sequential stream, no
+ * software prefetch) was faster still: C harness (-O3), 256 MB of V, 17.2 -> 19.6-22.8 GB/s
+ * (15.7-19.7 with the prefetch). */
 #define FA_PV(ATTR, T, VS, SUF, PS, VT, L, LOADV, VVAL)                                    \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 16)                                        \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 8)                                         \
@@ -418,14 +419,15 @@ ATTR static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrd
     ptrdiff_t nb = n, nv = Dv / L;                                                         \
     int passes = (int)(nv / 16) + !!(nv & 8) + !!(nv & 4) + !!(nv & 2) + !!(nv & 1)       \
                  + (Dv % L != 0);                                                          \
-    if (R > 1 || passes > 1) {                                                             \
+    int blocked = R > 1 || passes > 1;                                                     \
+    if (blocked) {                                                                         \
         nb = FA_PV_L1_BYTES / (Dv * (ptrdiff_t)sizeof(VS));                                \
         if (nb < 8) nb = 8;                                                                \
     }                                                                                      \
     for (ptrdiff_t j0 = 0; j0 < n; j0 += nb) {                                             \
         ptrdiff_t m = n - j0 < nb ? n - j0 : nb;                                           \
         const VS *Vb = V + j0 * ldv;                                                       \
-        ptrdiff_t pf = n - j0;                                                             \
+        ptrdiff_t pf = blocked ? n - j0 : 0;  /* one pass: the hardware prefetcher alone */ \
         for (ptrdiff_t r = 0; r < R; r++) {                                                \
             const T *p = P + r * lds + j0;                                                 \
             T *o = acc + r * Dv;                                                           \
