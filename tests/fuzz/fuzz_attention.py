@@ -14,13 +14,9 @@ Run (not part of the pytest run):
 
     python tests/fuzz/fuzz_attention.py -max_total_time=600 -print_final_stats=1
     tests/fuzz/run_fuzz.sh 1800 /tmp/fastattn-fuzz   # restarts after findings, keeps a corpus
-
-``FUZZ_STATS=path`` appends the execution count and the seconds spent on exit.
 """
-import atexit
 import os
 import sys
-import time
 
 import atheris
 
@@ -35,18 +31,6 @@ from conftest import U16, U32, U64, _visibility, error_bound, plain_attention  #
 
 DTYPES = [np.float32, np.float64, np.float16, np.float32, np.float64, np.int32, np.bool_,
           np.complex64, object, ">f4"]
-EXECS = 0
-START = time.time()
-
-
-def _stats():
-    path = os.environ.get("FUZZ_STATS")
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{EXECS} {time.time() - START:.1f}\n")
-
-
-atexit.register(_stats)
 
 
 def layout(fdp, a):
@@ -132,8 +116,6 @@ def int_option(fdp, batch, lo, hi):
 
 
 def TestOneInput(data):
-    global EXECS
-    EXECS += 1
     fdp = atheris.FuzzedDataProvider(data)
     nd = fdp.ConsumeIntInRange(0, 3)              # batch axes (0: 3-D; -1 below: 2-D)
     two_d = fdp.ConsumeIntInRange(0, 7) == 0
