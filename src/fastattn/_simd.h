@@ -406,8 +406,8 @@ ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS
  * every pass over a block before the next block: measured (float32) streaming from memory,
  * 1.5x faster for one row with Dv = 128 in two blocks of 8 vectors and 3.5x for four rows.
  * One row with Dv = 128 in one block of 16 (one pass, V read as one sequential stream, no
- * software prefetch) was faster still: C harness (-O3), 256 MB of V, 17.2 -> 19.6-22.8 GB/s
- * (15.7-19.7 with the prefetch). */
+ * software prefetch) is faster still: C harness (-O3), one row streaming 256 MB of V, 17.2
+ * GB/s in two blocks of 8, 18.3-20.6 in one block of 16 (14.3-17.1 with the prefetch). */
 #define FA_PV(ATTR, T, VS, SUF, PS, VT, L, LOADV, VVAL)                                    \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 16)                                        \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 8)                                         \
