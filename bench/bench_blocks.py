@@ -20,8 +20,9 @@ At each thread count (fastattn.set_num_threads and torch.set_num_threads both se
    (fastattn.bench.memory_bandwidth, measured in the same run): that floor, and the speedup
    it would allow, are reported beside the measured times.
 
-Timings are interleaved (fastattn, torch, fastattn, torch, ...) and the medians reported,
-because the machine is shared: only ratios measured in the same run mean anything.
+Timings are interleaved (fastattn, torch, fastattn, torch, ..., the order rotating each round)
+and the medians reported, because the machine is shared: only ratios measured in the same run
+mean anything.
 """
 import argparse
 import math
@@ -43,14 +44,16 @@ def _time(fn):
 
 
 def interleaved(fns, repeats, warmup=1):
-    """Median seconds of each of fns, run in turn `repeats` times after `warmup` rounds."""
+    """Median seconds of each of fns, run in turn `repeats` times after `warmup` rounds; the
+    order rotates each round, so no function always runs right after the same other one."""
     for _ in range(warmup):
         for f in fns:
             f()
     times = [[] for _ in fns]
-    for _ in range(repeats):
-        for ts, f in zip(times, fns):
-            ts.append(_time(f))
+    n = len(fns)
+    for r in range(repeats):
+        for i in list(range(r % n, n)) + list(range(r % n)):
+            times[i].append(_time(fns[i]))
     return [statistics.median(ts) for ts in times], times
 
 
