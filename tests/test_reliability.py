@@ -391,16 +391,19 @@ def test_micro_kernel_gemm_matches_float64(dtype, x_is_keys, rng):
             assert np.all(np.abs(c - ref) <= (k + 2) * u * scale + 1e-300), (m, n, k, accumulate)
 
 
-def test_micro_kernel_pack_reports_nonfinite_values(rng):
-    """micro-kernel: packing V tells whether every value is finite (NaN and ±inf alike)."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_micro_kernel_pack_reports_nonfinite_values(dtype, rng):
+    """micro-kernel: packing V tells whether every value is finite (NaN and ±inf alike), in
+    the full column panels (vector loads) and in the last, partial one."""
     if _kernel.simd_init(True) == "scalar":
         pytest.skip("no AVX2/FMA on this machine")
-    a = rand(rng, (6, 10), np.float32)
+    a = rand(rng, (6, 10), dtype)
     for bad in (np.nan, np.inf, -np.inf):
-        x = rand(rng, (10, 21), np.float32)
-        assert _kernel.py_gemm_packed(a, x, False, np.empty((6, 21), np.float32), False)
-        x[7, 20] = bad
-        assert not _kernel.py_gemm_packed(a, x, False, np.empty((6, 21), np.float32), False)
+        for row, col in [(7, 20), (0, 0), (9, 15), (4, 7)]:     # 21 columns: panels of 16 / 8
+            x = rand(rng, (10, 21), dtype)
+            assert _kernel.py_gemm_packed(a, x, False, np.empty((6, 21), dtype), False)
+            x[row, col] = bad
+            assert not _kernel.py_gemm_packed(a, x, False, np.empty((6, 21), dtype), False)
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, options): panels crossing heads (GQA with few rows), tails of
