@@ -151,72 +151,67 @@ FA_GEMM_DEFINE(f32, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_
 FA_GEMM_DEFINE(f64, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
                _mm256_setzero_pd, _mm256_fmadd_pd, _mm256_add_pd, _mm256_sub_pd)
 
-/* fa_pack_t for float32: full panels of 16 rows as 8 x 8 register transposes */
-FA_AVX2 static void fa_pack_t_f32(const float *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,
-                                  float *Bp) {
-    ptrdiff_t nfull = n / 16 * 16, k8 = k / 8 * 8;
-    for (ptrdiff_t j = 0; j < nfull; j += 16) {
-        float *bp = Bp + (j / 16) * k * 16;
-        for (ptrdiff_t half = 0; half < 16; half += 8) {
-            const float *x = X + (j + half) * ldx;
-            for (ptrdiff_t p = 0; p < k8; p += 8) {
-                __m256 r0 = _mm256_loadu_ps(x + p), r1 = _mm256_loadu_ps(x + ldx + p);
-                __m256 r2 = _mm256_loadu_ps(x + 2 * ldx + p), r3 = _mm256_loadu_ps(x + 3 * ldx + p);
-                __m256 r4 = _mm256_loadu_ps(x + 4 * ldx + p), r5 = _mm256_loadu_ps(x + 5 * ldx + p);
-                __m256 r6 = _mm256_loadu_ps(x + 6 * ldx + p), r7 = _mm256_loadu_ps(x + 7 * ldx + p);
-                __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-                __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-                __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-                __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-                __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-                __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-                __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-                __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-                float *d = bp + p * 16 + half;
-                _mm256_storeu_ps(d + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
-                _mm256_storeu_ps(d + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
-                _mm256_storeu_ps(d + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
-                _mm256_storeu_ps(d + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
-                _mm256_storeu_ps(d + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
-                _mm256_storeu_ps(d + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
-                _mm256_storeu_ps(d + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
-                _mm256_storeu_ps(d + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
-            }
-            for (ptrdiff_t t = 0; t < 8; t++)             /* columns past the last 8 */
-                for (ptrdiff_t p = k8; p < k; p++) bp[p * 16 + half + t] = x[t * ldx + p];
-        }
-    }
-    if (nfull < n)
-        fa_pack_t_f32_plain(X + nfull * ldx, ldx, n - nfull, k, Bp + (nfull / 16) * k * 16);
+/* d[i NR + t] := x[t ldx + i] for i, t < 8: eight rows of eight floats transposed, stored as
+ * eight rows NR apart (8 x 8 in registers: unpack, shuffle, then swap the 128-bit halves) */
+FA_AVX2 static inline void fa_transpose8_f32(const float *x, ptrdiff_t ldx, float *d,
+                                             ptrdiff_t nr) {
+    __m256 r0 = _mm256_loadu_ps(x), r1 = _mm256_loadu_ps(x + ldx);
+    __m256 r2 = _mm256_loadu_ps(x + 2 * ldx), r3 = _mm256_loadu_ps(x + 3 * ldx);
+    __m256 r4 = _mm256_loadu_ps(x + 4 * ldx), r5 = _mm256_loadu_ps(x + 5 * ldx);
+    __m256 r6 = _mm256_loadu_ps(x + 6 * ldx), r7 = _mm256_loadu_ps(x + 7 * ldx);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(d + 0 * nr, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + 1 * nr, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * nr, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * nr, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * nr, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * nr, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * nr, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * nr, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
-/* fa_pack_t for float64: full panels of 8 rows as 4 x 4 register transposes */
-FA_AVX2 static void fa_pack_t_f64(const double *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,
-                                  double *Bp) {
-    ptrdiff_t nfull = n / 8 * 8, k4 = k / 4 * 4;
-    for (ptrdiff_t j = 0; j < nfull; j += 8) {
-        double *bp = Bp + (j / 8) * k * 8;
-        for (ptrdiff_t half = 0; half < 8; half += 4) {
-            const double *x = X + (j + half) * ldx;
-            for (ptrdiff_t p = 0; p < k4; p += 4) {
-                __m256d r0 = _mm256_loadu_pd(x + p), r1 = _mm256_loadu_pd(x + ldx + p);
-                __m256d r2 = _mm256_loadu_pd(x + 2 * ldx + p);
-                __m256d r3 = _mm256_loadu_pd(x + 3 * ldx + p);
-                __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
-                __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
-                double *d = bp + p * 8 + half;
-                _mm256_storeu_pd(d + 0 * 8, _mm256_permute2f128_pd(t0, t2, 0x20));
-                _mm256_storeu_pd(d + 1 * 8, _mm256_permute2f128_pd(t1, t3, 0x20));
-                _mm256_storeu_pd(d + 2 * 8, _mm256_permute2f128_pd(t0, t2, 0x31));
-                _mm256_storeu_pd(d + 3 * 8, _mm256_permute2f128_pd(t1, t3, 0x31));
-            }
-            for (ptrdiff_t t = 0; t < 4; t++)             /* columns past the last 4 */
-                for (ptrdiff_t p = k4; p < k; p++) bp[p * 8 + half + t] = x[t * ldx + p];
-        }
-    }
-    if (nfull < n)
-        fa_pack_t_f64_plain(X + nfull * ldx, ldx, n - nfull, k, Bp + (nfull / 8) * k * 8);
+/* the same for four rows of four doubles */
+FA_AVX2 static inline void fa_transpose4_f64(const double *x, ptrdiff_t ldx, double *d,
+                                             ptrdiff_t nr) {
+    __m256d r0 = _mm256_loadu_pd(x), r1 = _mm256_loadu_pd(x + ldx);
+    __m256d r2 = _mm256_loadu_pd(x + 2 * ldx), r3 = _mm256_loadu_pd(x + 3 * ldx);
+    __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+    __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(d + 0 * nr, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(d + 1 * nr, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(d + 2 * nr, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(d + 3 * nr, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
+
+/* fa_pack_t with full panels of NR rows as B x B register transposes (B = the vector width);
+ * the features past the last multiple of B one by one, a last partial panel in plain C */
+#define FA_PACK_T_DEFINE(SUF, T, B, TRANSPOSE)                                               \
+FA_AVX2 static void fa_pack_t_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,    \
+                                    T *Bp) {                                                 \
+    const ptrdiff_t NR = 2 * B;                                                              \
+    ptrdiff_t nfull = n / NR * NR, kb = k / B * B;                                           \
+    for (ptrdiff_t j = 0; j < nfull; j += NR) {                                              \
+        T *bp = Bp + (j / NR) * k * NR;                                                      \
+        for (ptrdiff_t half = 0; half < NR; half += B) {                                     \
+            const T *x = X + (j + half) * ldx;                                               \
+            for (ptrdiff_t p = 0; p < kb; p += B)                                            \
+                TRANSPOSE(x + p, ldx, bp + p * NR + half, NR);                               \
+            for (ptrdiff_t t = 0; t < B; t++)                                                \
+                for (ptrdiff_t p = kb; p < k; p++) bp[p * NR + half + t] = x[t * ldx + p];  \
+        }                                                                                    \
+    }                                                                                        \
+    if (nfull < n)                                                                           \
+        fa_pack_t_##SUF##_plain(X + nfull * ldx, ldx, n - nfull, k, Bp + (nfull / NR) * k * NR); \
+}
+FA_PACK_T_DEFINE(f32, float, 8, fa_transpose8_f32)
+FA_PACK_T_DEFINE(f64, double, 4, fa_transpose4_f64)
 
 #else  /* no x86-64: never called (fa_gemm_ok stays 0), defined so the kernel links */
 
