@@ -199,10 +199,10 @@ static inline void fa_prefetch_bytes(const void *row, ptrdiff_t bytes) {
  *     stays one sequential stream), each into its own vector of partial sums, then the eight
  *     vectors reduced together into one vector of scores (no horizontal sum per key).
  *   row1: one row, one key: four accumulators, 32 features a step.
- *   The driver reads K as one sequential stream (eight keys side by side, with a software
- *   prefetch, streamed at 0.7-0.8 of this speed here), in blocks of eight keys: the rows four
- *   at a time key by key, the other rows eight keys at a time; the last n % 8 keys one by
- *   one. */
+ *   The driver reads K as one sequential stream (no software prefetch: prefetching K 4-32
+ *   rows ahead measured no better than noise on whole calls), in blocks of eight keys: the
+ *   rows four at a time key by key, the other rows eight keys at a time; the last n % 8 keys
+ *   one by one. */
 #define FA_QK_F32(ATTR, SUF, KT, LOADK, KVAL)                                              \
 ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff_t D,       \
                                             float *s, ptrdiff_t lds) {                     \
