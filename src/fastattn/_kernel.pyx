@@ -48,16 +48,19 @@ cdef extern from "_simd.h" nogil:
     float fa_expsum_f32(float *x, Py_ssize_t n, float m)
     double fa_expsum_f64(double *x, Py_ssize_t n, double m)
     void fa_qk_f32(const float *K, Py_ssize_t ldk, Py_ssize_t n, const float *Q, Py_ssize_t D,
-                   Py_ssize_t R, float *S, Py_ssize_t lds)
+                   Py_ssize_t R, float *S, Py_ssize_t lds, const char *pf, Py_ssize_t pf_ld,
+                   Py_ssize_t pf_row)
     void fa_pv_f32(const float *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n, const float *V,
                    Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
     void fa_qk_f16(const uint16_t *K, Py_ssize_t ldk, Py_ssize_t n, const float *Q,
-                   Py_ssize_t D, Py_ssize_t R, float *S, Py_ssize_t lds)
+                   Py_ssize_t D, Py_ssize_t R, float *S, Py_ssize_t lds, const char *pf,
+                   Py_ssize_t pf_ld, Py_ssize_t pf_row)
     void fa_pv_f16(const float *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
                    const uint16_t *V, Py_ssize_t ldv, Py_ssize_t Dv, float *acc)
     int fa_f16_stream_ok
     void fa_qk_f64(const double *K, Py_ssize_t ldk, Py_ssize_t n, const double *Q,
-                   Py_ssize_t D, Py_ssize_t R, double *S, Py_ssize_t lds)
+                   Py_ssize_t D, Py_ssize_t R, double *S, Py_ssize_t lds, const char *pf,
+                   Py_ssize_t pf_ld, Py_ssize_t pf_row)
     void fa_pv_f64(const double *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
                    const double *V, Py_ssize_t ldv, Py_ssize_t Dv, double *acc)
     const char *fa_simd_init(int use_simd)
@@ -189,13 +192,14 @@ cdef inline bint pack_n(const floating *x, Py_ssize_t ldx, Py_ssize_t k, Py_ssiz
 
 
 cdef inline void qk_stream(const floating *K, Py_ssize_t ldk, Py_ssize_t n, const floating *Q,
-                           Py_ssize_t D, Py_ssize_t R, floating *S,
-                           Py_ssize_t lds) noexcept nogil:
-    """S[r, j] = Q[r, :] · K[j, :] for few rows, K streamed once (_simd.h)."""
+                           Py_ssize_t D, Py_ssize_t R, floating *S, Py_ssize_t lds,
+                           const floating *V, Py_ssize_t ldv, Py_ssize_t Dv) noexcept nogil:
+    """S[r, j] = Q[r, :] · K[j, :] for few rows, K streamed once (_simd.h); V's rows [0, n)
+    are fetched into the cache alongside, for the P·V pass that follows."""
     if floating is float:
-        fa_qk_f32(K, ldk, n, Q, D, R, S, lds)
+        fa_qk_f32(K, ldk, n, Q, D, R, S, lds, <const char *>V, ldv * sizeof(float), Dv * sizeof(float))
     else:
-        fa_qk_f64(K, ldk, n, Q, D, R, S, lds)
+        fa_qk_f64(K, ldk, n, Q, D, R, S, lds, <const char *>V, ldv * sizeof(double), Dv * sizeof(double))
 
 
 cdef inline void pv_stream(const floating *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
@@ -356,7 +360,7 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
     SMALL_ROWS rows, by the streaming kernels of _simd.h).  Kc, Vc: room for a chunk of
     float16 K and V converted."""
     cdef Py_ssize_t D = P.d, Dv = P.dv, BK = P.bk, R = nh * ni, lds = P.bk
-    cdef Py_ssize_t kb, n, ldk, ldv
+    cdef Py_ssize_t kb, n, ldk = 0, ldv = 0
     cdef bint partial
     # float16 K/V and few rows: streamed as they are, converted in registers (F16C)
     cdef bint half_stream = P.kv_half and fa_f16_stream_ok and R <= SMALL_ROWS
@@ -370,8 +374,8 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
     if full_hi - full_lo < P.edge:      # too thin for a big tile: all edge chunks
         full_hi = full_lo
     cdef Py_ssize_t ra = 0, rb = R, rn
-    cdef floating *kblk
-    cdef floating *vblk
+    cdef floating *kblk = NULL
+    cdef floating *vblk = NULL
     kb = lo
     while kb < hi:
         if kb < full_lo:
@@ -390,15 +394,20 @@ cdef void item_chunks(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssize_t 
         if not half_stream:
             kblk = kv_tile(P, kbase, kb, n, P.k_sl, D, Kc, &ldk)
             vblk = kv_tile(P, vbase, kb, n, P.v_sl, Dv, Vc, &ldv)
-        # S (rn x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ
+        # S (rn x n, row-major, ld BK) = Qs · K_blkᵀ, i.e. column-major Sᵀ = K_blk · Qsᵀ.
+        # Streamed with several rows, the Q·Kᵀ pass also fetches V's rows into the cache, so
+        # the P·V pass computes from cache instead of waiting on memory.  (One row: its P·V
+        # pass streams V at the bandwidth by itself, and fetching V early measured slower.)
         if D == 0:
             memset(S + ra * lds, 0, rn * lds * sizeof(floating))
         elif half_stream:
             if floating is float:
                 fa_qk_f16(<const uint16_t *>kbase + kb * P.k_sl, P.k_sl, n, Qs + ra * D, D, rn,
-                          S + ra * lds, lds)
+                          S + ra * lds, lds, vbase + kb * P.v_sl * 2 if rn > 1 else NULL,
+                          P.v_sl * 2, Dv * 2)
         elif rn <= SMALL_ROWS:
-            qk_stream(kblk, ldk, n, Qs + ra * D, D, rn, S + ra * lds, lds)
+            qk_stream(kblk, ldk, n, Qs + ra * D, D, rn, S + ra * lds, lds,
+                      vblk if rn > 1 else NULL, ldv, Dv)
         else:
             gemm(Trans, NoTrans, <int>n, <int>rn, <int>D, <floating>1, kblk,
                  <int>ldk, Qs + ra * D, <int>D, <floating>0, S + ra * lds, <int>lds)

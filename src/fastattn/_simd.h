@@ -24,17 +24,22 @@ typedef float (*fa_max_f32_t)(const float *x, ptrdiff_t n);
 typedef double (*fa_max_f64_t)(const double *x, ptrdiff_t n);
 typedef float (*fa_expsum_f32_t)(float *x, ptrdiff_t n, float m);
 typedef double (*fa_expsum_f64_t)(double *x, ptrdiff_t n, double m);
+/* The Q·Kᵀ kernels also fetch rows [0, n) of another matrix into the cache as K streams
+ * (row j at pf + j * pf_ld, pf_row bytes; pf NULL: none): the V rows the P·V pass reads next. */
 typedef void (*fa_qk_f32_t)(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
-                            ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds);
+                            ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds,
+                            const char *pf, ptrdiff_t pf_ld, ptrdiff_t pf_row);
 typedef void (*fa_pv_f32_t)(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                             const float *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc);
 /* float32 Q and sums, float16 K / V (F16C only: elsewhere the caller converts tiles first) */
 typedef void (*fa_qk_f16_t)(const uint16_t *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
-                            ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds);
+                            ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds,
+                            const char *pf, ptrdiff_t pf_ld, ptrdiff_t pf_row);
 typedef void (*fa_pv_f16_t)(const float *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                             const uint16_t *V, ptrdiff_t ldv, ptrdiff_t Dv, float *acc);
 typedef void (*fa_qk_f64_t)(const double *K, ptrdiff_t ldk, ptrdiff_t n, const double *Q,
-                            ptrdiff_t D, ptrdiff_t R, double *S, ptrdiff_t lds);
+                            ptrdiff_t D, ptrdiff_t R, double *S, ptrdiff_t lds,
+                            const char *pf, ptrdiff_t pf_ld, ptrdiff_t pf_row);
 typedef void (*fa_pv_f64_t)(const double *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,
                             const double *V, ptrdiff_t ldv, ptrdiff_t Dv, double *acc);
 
@@ -87,7 +92,9 @@ static double fa_expsum_f64_scalar(double *x, ptrdiff_t n, double m) {
  *                                                key's non-finite V row never leaks */
 #define FA_STREAM_SCALAR(T, SUF)                                                           \
 static void fa_qk_##SUF##_scalar(const T *K, ptrdiff_t ldk, ptrdiff_t n, const T *Q,        \
-                                 ptrdiff_t D, ptrdiff_t R, T *S, ptrdiff_t lds) {          \
+                                 ptrdiff_t D, ptrdiff_t R, T *S, ptrdiff_t lds,            \
+                                 const char *pf, ptrdiff_t pf_ld, ptrdiff_t pf_row) {      \
+    (void)pf; (void)pf_ld; (void)pf_row;          /* the reference path fetches nothing */ \
     for (ptrdiff_t j = 0; j < n; j++)                                                      \
         for (ptrdiff_t r = 0; r < R; r++) {                                                \
             T acc = 0;                                                                     \
@@ -182,12 +189,10 @@ FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
 }
 #define FA_F16C __attribute__((target("avx2,fma,f16c")))
 
-/* Streaming rows from memory: V rows are fetched FA_PREFETCH_ROWS ahead, every cache line. */
-#ifndef FA_PREFETCH_ROWS
-#define FA_PREFETCH_ROWS 8
-#endif
-static inline void fa_prefetch_bytes(const void *row, ptrdiff_t bytes) {
-    for (ptrdiff_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
+/* Every cache line of a row, into the cache.  (GCC 12 drops the prefetches of this loop
+ * where the NULL test is inside it: callers test pf themselves.) */
+static inline void fa_prefetch_bytes(const char *row, ptrdiff_t bytes) {
+    for (ptrdiff_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
 }
 
 /* float32 Q·Kᵀ for few rows, generated for float32 K and, with F16C, for float16 K
@@ -199,10 +204,15 @@ static inline void fa_prefetch_bytes(const void *row, ptrdiff_t bytes) {
  *     stays one sequential stream), each into its own vector of partial sums, then the eight
  *     vectors reduced together into one vector of scores (no horizontal sum per key).
  *   row1: one row, one key: four accumulators, 32 features a step.
- *   The driver reads K as one sequential stream (no software prefetch: prefetching K 4-32
- *   rows ahead measured no better than noise on whole calls), in blocks of eight keys: the
- *   rows four at a time key by key, the other rows eight keys at a time; the last n % 8 keys
- *   one by one. */
+ *   The driver reads K as one sequential stream (no software prefetch of K: prefetching it
+ *   4-32 rows ahead measured no better than noise on whole calls), in blocks of eight keys:
+ *   the rows four at a time key by key, the other rows eight keys at a time; the last n % 8
+ *   keys one by one.  With each key it fetches the same row of V (pf), so that the P·V pass
+ *   after the softmax reads V from cache: the two streams then run while this pass computes,
+ *   instead of the P·V pass waiting on memory alone.  C harness (-O3, 1 thread, 128 MB each
+ *   of K and V, D = 128, chunks of 256 keys): four rows 11.4 -> 16.5 GB/s together with the
+ *   register-blocked P·V below (which alone, V not fetched ahead, was slower: 10.3 GB/s); one
+ *   row unchanged at D = 128 (16.9 -> 17.2), 13.7 -> 15.7 GB/s at D = 64. */
 #define FA_QK_F32(ATTR, SUF, KT, LOADK, KVAL)                                              \
 ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff_t D,       \
                                             float *s, ptrdiff_t lds) {                     \
@@ -272,19 +282,23 @@ ATTR static inline float fa_qk_##SUF##_row1(const KT *k, const float *q, ptrdiff
 }                                                                                          \
                                                                                            \
 ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q, \
-                                    ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds) {   \
+                                    ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds,     \
+                                    const char *pf, ptrdiff_t pf_ld, ptrdiff_t pf_row) {   \
     ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;                                               \
     for (; j + 8 <= n; j += 8) {                                                           \
         const KT *k = K + j * ldk;                                                         \
-        for (int t = 0; t < 8; t++)                                                        \
+        for (int t = 0; t < 8; t++) {                                                      \
+            if (pf) fa_prefetch_bytes(pf + (j + t) * pf_ld, pf_row);                     \
             for (ptrdiff_t r = 0; r < R4; r += 4)                                          \
                 fa_qk_##SUF##_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);  \
+        }                                                                                  \
         for (ptrdiff_t r = R4; r < R; r++)                                                 \
             fa_qk_##SUF##_row1x8(k, ldk, Q + r * D, D, S + r * lds + j);                   \
     }                                                                                      \
     for (; j < n; j++) {                                                                   \
         const KT *k = K + j * ldk;                                                         \
         ptrdiff_t r = 0;                                                                   \
+        if (pf) fa_prefetch_bytes(pf + j * pf_ld, pf_row);                               \
         for (; r < R4; r += 4) fa_qk_##SUF##_rows4(k, Q + r * D, D, S + r * lds + j, lds);  \
         for (; r < R; r++) S[r * lds + j] = fa_qk_##SUF##_row1(k, Q + r * D, D);           \
     }                                                                                      \
@@ -351,18 +365,22 @@ FA_AVX2 static inline void fa_qk_f64_row1x4(const double *K, ptrdiff_t ldk, cons
 
 FA_AVX2 static void fa_qk_f64_avx2(const double *K, ptrdiff_t ldk, ptrdiff_t n,
                                    const double *Q, ptrdiff_t D, ptrdiff_t R, double *S,
-                                   ptrdiff_t lds) {
+                                   ptrdiff_t lds, const char *pf, ptrdiff_t pf_ld,
+                                   ptrdiff_t pf_row) {
     ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;
     for (; j + 4 <= n; j += 4) {
         const double *k = K + j * ldk;
-        for (int t = 0; t < 4; t++)
+        for (int t = 0; t < 4; t++) {
+            if (pf) fa_prefetch_bytes(pf + (j + t) * pf_ld, pf_row);
             for (ptrdiff_t r = 0; r < R4; r += 4)
                 fa_qk_f64_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);
+        }
         for (ptrdiff_t r = R4; r < R; r++)
             fa_qk_f64_row1x4(k, ldk, Q + r * D, D, S + r * lds + j);
     }
     for (; j < n; j++) {                    /* the last n % 4 keys: plain dot products */
         const double *k = K + j * ldk;
+        if (pf) fa_prefetch_bytes(pf + j * pf_ld, pf_row);
         for (ptrdiff_t r = 0; r < R; r++) {
             double acc = 0;
             for (ptrdiff_t c = 0; c < D; c++) acc += Q[r * D + c] * k[c];
@@ -372,19 +390,15 @@ FA_AVX2 static void fa_qk_f64_avx2(const double *K, ptrdiff_t ldk, ptrdiff_t n,
 }
 
 /* o[0 : L W] += Σ_j p[j] V[j, 0 : L W] (L lanes a vector), the W accumulators in registers
- * (W fixed, so the compiler unrolls them); terms with p[j] == 0 skipped.  With `pf` > 0,
- * fetch the V rows FA_PREFETCH_ROWS ahead, up to row pf (the first pass over the rows).
+ * (W fixed, so the compiler unrolls them); terms with p[j] == 0 skipped.
  * T: the type of P and of the sums; VS: V's stored type, LOADV loading L of them as T,
  * VVAL one; PS: the intrinsics' suffix (ps, pd). */
 #define FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, W)                                 \
 ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS *V,        \
-                                               ptrdiff_t ldv, ptrdiff_t Dv, T *o,          \
-                                               ptrdiff_t pf) {                             \
+                                               ptrdiff_t ldv, T *o) {                      \
     VT a[W];                                                                               \
     for (int t = 0; t < W; t++) a[t] = _mm256_loadu_##PS(o + L * t);                       \
     for (ptrdiff_t j = 0; j < n; j++) {                                                    \
-        if (j + FA_PREFETCH_ROWS < pf)                                                     \
-            fa_prefetch_bytes(V + (j + FA_PREFETCH_ROWS) * ldv, Dv * (ptrdiff_t)sizeof(VS)); \
         if (p[j] == 0) continue;                                                           \
         VT pv = _mm256_set1_##PS(p[j]);                                                    \
         const VS *v = V + j * ldv;                                                         \
@@ -394,72 +408,97 @@ ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS
     for (int t = 0; t < W; t++) _mm256_storeu_##PS(o + L * t, a[t]);                       \
 }
 
-/* V bytes a block of keys may span so that it stays in L1 from the first pass over it (which
- * reads it from memory) through the other rows' and column blocks' passes. */
+/* V bytes a block of keys may span so that it stays in L1 through all the passes over it
+ * (the rows' and the column blocks'). */
 #ifndef FA_PV_L1_BYTES
 #define FA_PV_L1_BYTES 16384
 #endif
 
-/* acc[r, :] += Σ_j P[r, j] V[j, :]: 16 vectors of columns at a time in registers, then 8,
- * 4, 2, 1, then the last Dv % L columns in plain C.  With more than one pass over V (several
- * rows, or more than one block of columns), the keys go in blocks of FA_PV_L1_BYTES of V,
- * every pass over a block before the next block: measured (float32) streaming from memory,
- * 1.5x faster for one row with Dv = 128 in two blocks of 8 vectors and 3.5x for four rows.
- * One row with Dv = 128 in one block of 16 (one pass, V read as one sequential stream, no
- * software prefetch) is faster still: C harness (-O3), one row streaming 256 MB of V, 17.2
- * GB/s in two blocks of 8, 18.3-20.6 in one block of 16 (14.3-17.1 with the prefetch). */
+/* acc[r, :] += Σ_j P[r, j] V[j, :], V already in cache (the Q·Kᵀ pass fetched it).
+ *   rows4: four rows at once, two vectors of columns at a time: eight accumulators in
+ *     registers, each V vector loaded once for the four rows (six loads per eight FMAs; row
+ *     by row it is 17 per 16, and a block of 16 accumulators leaves no register free).  C
+ *     harness (-O3, 1 thread, V in cache, Dv = 128): 23.4 -> 12.7 ns a key for four rows.
+ *     Only where none of the four rows' P in the key block is 0: a hidden key's V row may
+ *     hold inf or NaN, and 0 · inf is NaN.
+ *   row: one row from column c0 on, 16 vectors of columns at a time in registers, then 8,
+ *     4, 2, 1, then the last Dv % L columns in plain C; P == 0 terms skipped.  One row with
+ *     Dv = 128 is one pass (one block of 16), V read as one sequential stream.
+ * With more than one pass over V (several rows, or more than one block of columns), the
+ * keys go in blocks of FA_PV_L1_BYTES of V, every pass over a block before the next block. */
 #define FA_PV(ATTR, T, VS, SUF, PS, VT, L, LOADV, VVAL)                                    \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 16)                                        \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 8)                                         \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 4)                                         \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 2)                                         \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 1)                                         \
+ATTR static inline void fa_pv_##SUF##_rows4(const T *p, ptrdiff_t lds, ptrdiff_t n,         \
+                                            const VS *V, ptrdiff_t ldv, T *o,              \
+                                            ptrdiff_t ldo) {                               \
+    VT a[4], b[4];                                                                         \
+    for (int r = 0; r < 4; r++) {                                                          \
+        a[r] = _mm256_loadu_##PS(o + r * ldo);                                             \
+        b[r] = _mm256_loadu_##PS(o + r * ldo + L);                                         \
+    }                                                                                      \
+    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
+        VT x = LOADV(V + j * ldv), y = LOADV(V + j * ldv + L);                             \
+        for (int r = 0; r < 4; r++) {                                                      \
+            VT pv = _mm256_set1_##PS(p[r * lds + j]);                                      \
+            a[r] = _mm256_fmadd_##PS(pv, x, a[r]);                                         \
+            b[r] = _mm256_fmadd_##PS(pv, y, b[r]);                                         \
+        }                                                                                  \
+    }                                                                                      \
+    for (int r = 0; r < 4; r++) {                                                          \
+        _mm256_storeu_##PS(o + r * ldo, a[r]);                                             \
+        _mm256_storeu_##PS(o + r * ldo + L, b[r]);                                         \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+ATTR static inline void fa_pv_##SUF##_row(const T *p, ptrdiff_t n, const VS *V,             \
+                                          ptrdiff_t ldv, ptrdiff_t Dv, T *o, ptrdiff_t c0) { \
+    for (; c0 + 16 * L <= Dv; c0 += 16 * L)                                                \
+        fa_pv_##SUF##_block16(p, n, V + c0, ldv, o + c0);                                  \
+    if (c0 + 8 * L <= Dv) { fa_pv_##SUF##_block8(p, n, V + c0, ldv, o + c0); c0 += 8 * L; } \
+    if (c0 + 4 * L <= Dv) { fa_pv_##SUF##_block4(p, n, V + c0, ldv, o + c0); c0 += 4 * L; } \
+    if (c0 + 2 * L <= Dv) { fa_pv_##SUF##_block2(p, n, V + c0, ldv, o + c0); c0 += 2 * L; } \
+    if (c0 + L <= Dv) { fa_pv_##SUF##_block1(p, n, V + c0, ldv, o + c0); c0 += L; }        \
+    for (ptrdiff_t c = c0; c < Dv; c++) {   /* columns past the last full vector */        \
+        T s = o[c];                                                                        \
+        for (ptrdiff_t j = 0; j < n; j++)                                                  \
+            if (p[j] != 0) s += p[j] * VVAL(V[j * ldv + c]);                               \
+        o[c] = s;                                                                          \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
 ATTR static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrdiff_t n,    \
                                     const VS *V, ptrdiff_t ldv, ptrdiff_t Dv, T *acc) {    \
     ptrdiff_t nb = n, nv = Dv / L;                                                         \
     int passes = (int)(nv / 16) + !!(nv & 8) + !!(nv & 4) + !!(nv & 2) + !!(nv & 1)       \
                  + (Dv % L != 0);                                                          \
-    int blocked = R > 1 || passes > 1;                                                     \
-    if (blocked) {                                                                         \
+    if (R > 1 || passes > 1) {                                                             \
         nb = FA_PV_L1_BYTES / (Dv * (ptrdiff_t)sizeof(VS));                                \
         if (nb < 8) nb = 8;                                                                \
     }                                                                                      \
     for (ptrdiff_t j0 = 0; j0 < n; j0 += nb) {                                             \
-        ptrdiff_t m = n - j0 < nb ? n - j0 : nb;                                           \
+        ptrdiff_t m = n - j0 < nb ? n - j0 : nb, r = 0;                                    \
         const VS *Vb = V + j0 * ldv;                                                       \
-        ptrdiff_t pf = blocked ? n - j0 : 0;  /* one pass: the hardware prefetcher alone */ \
-        for (ptrdiff_t r = 0; r < R; r++) {                                                \
+        while (r < R) {                                                                    \
             const T *p = P + r * lds + j0;                                                 \
             T *o = acc + r * Dv;                                                           \
+            int dense = r + 4 <= R && Dv >= 2 * L;                                         \
+            for (ptrdiff_t i = 0; dense && i < 4; i++)                                     \
+                for (ptrdiff_t j = 0; j < m; j++) dense &= p[i * lds + j] != 0;            \
+            if (!dense) {                                                                  \
+                fa_pv_##SUF##_row(p, m, Vb, ldv, Dv, o, 0);                                \
+                r++;                                                                       \
+                continue;                                                                  \
+            }                                                                              \
             ptrdiff_t c0 = 0;                                                              \
-            for (; c0 + 16 * L <= Dv; c0 += 16 * L, pf = 0)                                \
-                fa_pv_##SUF##_block16(p, m, Vb + c0, ldv, Dv, o + c0, pf);                 \
-            if (c0 + 8 * L <= Dv) {                                                        \
-                fa_pv_##SUF##_block8(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
-                c0 += 8 * L;                                                               \
-                pf = 0;                                                                    \
-            }                                                                              \
-            if (c0 + 4 * L <= Dv) {                                                        \
-                fa_pv_##SUF##_block4(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
-                c0 += 4 * L;                                                               \
-                pf = 0;                                                                    \
-            }                                                                              \
-            if (c0 + 2 * L <= Dv) {                                                        \
-                fa_pv_##SUF##_block2(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
-                c0 += 2 * L;                                                               \
-                pf = 0;                                                                    \
-            }                                                                              \
-            if (c0 + L <= Dv) {                                                            \
-                fa_pv_##SUF##_block1(p, m, Vb + c0, ldv, Dv, o + c0, pf);                  \
-                c0 += L;                                                                   \
-                pf = 0;                                                                    \
-            }                                                                              \
-            for (ptrdiff_t c = c0; c < Dv; c++) {   /* columns past the last full vector */ \
-                T s = o[c];                                                                \
-                for (ptrdiff_t j = 0; j < m; j++)                                          \
-                    if (p[j] != 0) s += p[j] * VVAL(Vb[j * ldv + c]);                      \
-                o[c] = s;                                                                  \
-            }                                                                              \
+            for (; c0 + 2 * L <= Dv; c0 += 2 * L)                                          \
+                fa_pv_##SUF##_rows4(p, lds, m, Vb + c0, ldv, o + c0, Dv);                  \
+            for (ptrdiff_t i = 0; i < 4 && c0 < Dv; i++)  /* the last Dv % 2L columns */   \
+                fa_pv_##SUF##_row(p + i * lds, m, Vb, ldv, Dv, o + i * Dv, c0);            \
+            r += 4;                                                                        \
         }                                                                                  \
     }                                                                                      \
 }
