@@ -451,8 +451,11 @@ def test_micro_kernel_path_matches_blas_path(case, dtype, scalar_and_simd, rng):
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, options) with at most SMALL_ROWS (16) rows per KV head: the
 # streaming Q·Kᵀ (rows four at a time, the others several keys at a time; D and Lk with
-# vector tails) and P·V (keys in L1-sized blocks: Lk across several, Dv wide and with a tail)
+# vector tails) and P·V (keys in L1-sized blocks: Lk across several, Dv wide and with a tail;
+# rows in groups of 4, 3 and 2 where no P is 0, one by one where some are)
 DECODE_CASES = [
+    (1, 12, 2, 1, 300, 64, 48, {}),
+    (2, 10, 2, 1, 129, 32, 44, dict(key_lengths=np.array([129, 70]))),
     (1, 4, 1, 1, 301, 128, 128, {}),
     (2, 8, 1, 1, 777, 24, 130, {}),
     (1, 7, 1, 1, 200, 13, 5, dict(mask=np.arange(200) % 3 != 1)),

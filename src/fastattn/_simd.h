@@ -207,12 +207,13 @@ static inline void fa_prefetch_bytes(const char *row, ptrdiff_t bytes) {
  *   The driver reads K as one sequential stream (no software prefetch of K: prefetching it
  *   4-32 rows ahead measured no better than noise on whole calls), in blocks of eight keys:
  *   the rows four at a time key by key, the other rows eight keys at a time; the last n % 8
- *   keys one by one.  With each key it fetches the same row of V (pf), so that the P·V pass
- *   after the softmax reads V from cache: the two streams then run while this pass computes,
- *   instead of the P·V pass waiting on memory alone.  C harness (-O3, 1 thread, 128 MB each
- *   of K and V, D = 128, chunks of 256 keys): four rows 11.4 -> 16.5 GB/s together with the
- *   register-blocked P·V below (which alone, V not fetched ahead, was slower: 10.3 GB/s); one
- *   row unchanged at D = 128 (16.9 -> 17.2), 13.7 -> 15.7 GB/s at D = 64. */
+ *   keys one by one.  With each key of the first pass it fetches the same row of V (pf), so
+ *   that the P·V pass after the softmax reads V from cache: the two streams then run while
+ *   this pass computes, instead of the P·V pass waiting on memory alone.  C harness (-O3, 1
+ *   thread, 128 MB each of K and V, D = 128, chunks of 256 keys): four rows 11.4 -> 16.5
+ *   GB/s together with the register-blocked P·V below (which alone, V not fetched ahead, was
+ *   slower: 10.3 GB/s).  Fetching V's rows for a block of eight keys at once, instead of key
+ *   by key, made two and three rows slower than before (the P·V pass fetching V itself). */
 #define FA_QK_F32(ATTR, SUF, KT, LOADK, KVAL)                                              \
 ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff_t D,       \
                                             float *s, ptrdiff_t lds) {                     \
@@ -243,11 +244,13 @@ ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff
 }                                                                                          \
                                                                                            \
 ATTR static inline void fa_qk_##SUF##_row1x8(const KT *K, ptrdiff_t ldk, const float *q,    \
-                                             ptrdiff_t D, float *s) {                      \
+                                             ptrdiff_t D, float *s, const char *pf,        \
+                                             ptrdiff_t pf_ld, ptrdiff_t pf_row) {          \
     ptrdiff_t D16 = D & ~(ptrdiff_t)15, D8 = D & ~(ptrdiff_t)7;                            \
     __m256 a[8];                                                                           \
     for (int t = 0; t < 8; t++) {                                                          \
         const KT *k = K + t * ldk;                                                         \
+        if (pf) fa_prefetch_bytes(pf + t * pf_ld, pf_row);                                 \
         __m256 x = _mm256_setzero_ps(), y = x;                                             \
         ptrdiff_t c = 0;                                                                   \
         for (; c < D16; c += 16) {                                                         \
@@ -287,13 +290,15 @@ ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, con
     ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;                                               \
     for (; j + 8 <= n; j += 8) {                                                           \
         const KT *k = K + j * ldk;                                                         \
-        for (int t = 0; t < 8; t++) {                                                      \
-            if (pf) fa_prefetch_bytes(pf + (j + t) * pf_ld, pf_row);                     \
+        const char *pfj = pf ? pf + j * pf_ld : NULL;                                     \
+        for (int t = 0; R4 && t < 8; t++) {                                                \
+            if (pfj) fa_prefetch_bytes(pfj + t * pf_ld, pf_row);                           \
             for (ptrdiff_t r = 0; r < R4; r += 4)                                          \
                 fa_qk_##SUF##_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);  \
         }                                                                                  \
-        for (ptrdiff_t r = R4; r < R; r++)                                                 \
-            fa_qk_##SUF##_row1x8(k, ldk, Q + r * D, D, S + r * lds + j);                   \
+        for (ptrdiff_t r = R4; r < R; r++)    /* V fetched with the first pass if not yet */ \
+            fa_qk_##SUF##_row1x8(k, ldk, Q + r * D, D, S + r * lds + j,                    \
+                                 !R4 && r == 0 ? pfj : NULL, pf_ld, pf_row);               \
     }                                                                                      \
     for (; j < n; j++) {                                                                   \
         const KT *k = K + j * ldk;                                                         \
@@ -408,6 +413,31 @@ ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS
     for (int t = 0; t < W; t++) _mm256_storeu_##PS(o + L * t, a[t]);                       \
 }
 
+/* o[r, 0 : 2L] += Σ_j p[r lds + j] V[j, 0 : 2L] for N rows at once (o's rows ldo apart):
+ * 2N accumulators in registers, each V vector loaded once for the N rows. */
+#define FA_PV_ROWS(ATTR, T, VS, SUF, PS, VT, L, LOADV, N)                                  \
+ATTR static inline void fa_pv_##SUF##_rows##N(const T *p, ptrdiff_t lds, ptrdiff_t n,       \
+                                              const VS *V, ptrdiff_t ldv, T *o,            \
+                                              ptrdiff_t ldo) {                             \
+    VT a[N], b[N];                                                                         \
+    for (int r = 0; r < N; r++) {                                                          \
+        a[r] = _mm256_loadu_##PS(o + r * ldo);                                             \
+        b[r] = _mm256_loadu_##PS(o + r * ldo + L);                                         \
+    }                                                                                      \
+    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
+        VT x = LOADV(V + j * ldv), y = LOADV(V + j * ldv + L);                             \
+        for (int r = 0; r < N; r++) {                                                      \
+            VT pv = _mm256_set1_##PS(p[r * lds + j]);                                      \
+            a[r] = _mm256_fmadd_##PS(pv, x, a[r]);                                         \
+            b[r] = _mm256_fmadd_##PS(pv, y, b[r]);                                         \
+        }                                                                                  \
+    }                                                                                      \
+    for (int r = 0; r < N; r++) {                                                          \
+        _mm256_storeu_##PS(o + r * ldo, a[r]);                                             \
+        _mm256_storeu_##PS(o + r * ldo + L, b[r]);                                         \
+    }                                                                                      \
+}
+
 /* V bytes a block of keys may span so that it stays in L1 through all the passes over it
  * (the rows' and the column blocks'). */
 #ifndef FA_PV_L1_BYTES
@@ -415,12 +445,11 @@ ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS
 #endif
 
 /* acc[r, :] += Σ_j P[r, j] V[j, :], V already in cache (the Q·Kᵀ pass fetched it).
- *   rows4: four rows at once, two vectors of columns at a time: eight accumulators in
- *     registers, each V vector loaded once for the four rows (six loads per eight FMAs; row
- *     by row it is 17 per 16, and a block of 16 accumulators leaves no register free).  C
- *     harness (-O3, 1 thread, V in cache, Dv = 128): 23.4 -> 12.7 ns a key for four rows.
- *     Only where none of the four rows' P in the key block is 0: a hidden key's V row may
- *     hold inf or NaN, and 0 · inf is NaN.
+ *   rows2-4: up to four rows at once, two vectors of columns at a time (FA_PV_ROWS): for
+ *     four rows six loads per eight FMAs (row by row it is 17 per 16, and a block of 16
+ *     accumulators leaves no register free).  C harness (-O3, 1 thread, V in cache, Dv =
+ *     128): 23.4 -> 12.7 ns a key for four rows.  Only where none of the rows' P in the key
+ *     block is 0: a hidden key's V row may hold inf or NaN, and 0 · inf is NaN.
  *   row: one row from column c0 on, 16 vectors of columns at a time in registers, then 8,
  *     4, 2, 1, then the last Dv % L columns in plain C; P == 0 terms skipped.  One row with
  *     Dv = 128 is one pass (one block of 16), V read as one sequential stream.
@@ -432,28 +461,9 @@ FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 8)                              
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 4)                                         \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 2)                                         \
 FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, 1)                                         \
-ATTR static inline void fa_pv_##SUF##_rows4(const T *p, ptrdiff_t lds, ptrdiff_t n,         \
-                                            const VS *V, ptrdiff_t ldv, T *o,              \
-                                            ptrdiff_t ldo) {                               \
-    VT a[4], b[4];                                                                         \
-    for (int r = 0; r < 4; r++) {                                                          \
-        a[r] = _mm256_loadu_##PS(o + r * ldo);                                             \
-        b[r] = _mm256_loadu_##PS(o + r * ldo + L);                                         \
-    }                                                                                      \
-    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
-        VT x = LOADV(V + j * ldv), y = LOADV(V + j * ldv + L);                             \
-        for (int r = 0; r < 4; r++) {                                                      \
-            VT pv = _mm256_set1_##PS(p[r * lds + j]);                                      \
-            a[r] = _mm256_fmadd_##PS(pv, x, a[r]);                                         \
-            b[r] = _mm256_fmadd_##PS(pv, y, b[r]);                                         \
-        }                                                                                  \
-    }                                                                                      \
-    for (int r = 0; r < 4; r++) {                                                          \
-        _mm256_storeu_##PS(o + r * ldo, a[r]);                                             \
-        _mm256_storeu_##PS(o + r * ldo + L, b[r]);                                         \
-    }                                                                                      \
-}                                                                                          \
-                                                                                           \
+FA_PV_ROWS(ATTR, T, VS, SUF, PS, VT, L, LOADV, 4)                                         \
+FA_PV_ROWS(ATTR, T, VS, SUF, PS, VT, L, LOADV, 3)                                         \
+FA_PV_ROWS(ATTR, T, VS, SUF, PS, VT, L, LOADV, 2)                                         \
 ATTR static inline void fa_pv_##SUF##_row(const T *p, ptrdiff_t n, const VS *V,             \
                                           ptrdiff_t ldv, ptrdiff_t Dv, T *o, ptrdiff_t c0) { \
     for (; c0 + 16 * L <= Dv; c0 += 16 * L)                                                \
@@ -485,8 +495,9 @@ ATTR static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrd
         while (r < R) {                                                                    \
             const T *p = P + r * lds + j0;                                                 \
             T *o = acc + r * Dv;                                                           \
-            int dense = r + 4 <= R && Dv >= 2 * L;                                         \
-            for (ptrdiff_t i = 0; dense && i < 4; i++)                                     \
+            ptrdiff_t g = R - r < 4 ? R - r : 4;      /* rows in this group */             \
+            int dense = g > 1 && Dv >= 2 * L;                                              \
+            for (ptrdiff_t i = 0; dense && i < g; i++)                                     \
                 for (ptrdiff_t j = 0; j < m; j++) dense &= p[i * lds + j] != 0;            \
             if (!dense) {                                                                  \
                 fa_pv_##SUF##_row(p, m, Vb, ldv, Dv, o, 0);                                \
@@ -494,11 +505,14 @@ ATTR static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrd
                 continue;                                                                  \
             }                                                                              \
             ptrdiff_t c0 = 0;                                                              \
-            for (; c0 + 2 * L <= Dv; c0 += 2 * L)                                          \
-                fa_pv_##SUF##_rows4(p, lds, m, Vb + c0, ldv, o + c0, Dv);                  \
-            for (ptrdiff_t i = 0; i < 4 && c0 < Dv; i++)  /* the last Dv % 2L columns */   \
+            for (; c0 + 2 * L <= Dv; c0 += 2 * L) {                                        \
+                if (g == 4) fa_pv_##SUF##_rows4(p, lds, m, Vb + c0, ldv, o + c0, Dv);      \
+                else if (g == 3) fa_pv_##SUF##_rows3(p, lds, m, Vb + c0, ldv, o + c0, Dv); \
+                else fa_pv_##SUF##_rows2(p, lds, m, Vb + c0, ldv, o + c0, Dv);             \
+            }                                                                              \
+            for (ptrdiff_t i = 0; i < g && c0 < Dv; i++)  /* the last Dv % 2L columns */   \
                 fa_pv_##SUF##_row(p + i * lds, m, Vb, ldv, Dv, o + i * Dv, c0);            \
-            r += 4;                                                                        \
+            r += g;                                                                        \
         }                                                                                  \
     }                                                                                      \
 }
