@@ -62,6 +62,16 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     assert "1x2x16x16x8" in printed
 
 
+def test_run_without_one_thread(tmp_path):
+    """A run at thread counts without 1 (no 1-thread rows, no 1-thread ceilings) reports."""
+    out = tmp_path / "r.json"
+    rc = bench.main(["--shapes", "1,2,1,64,8", "--decode", "--quick", "--threads", "2",
+                     "--peers", "", "--json", str(out), "--plot", ""])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["threads"] for r in res["rows"]] == [2] and "1" not in res["bandwidth"]
+
+
 def test_evaluate_marks_misses():
     row = dict(target="e", shape="1x1x1x1x64", dtype="float32", mode="full", threads=1,
                time=25e-6, ratio={}, decode=False)

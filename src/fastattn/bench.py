@@ -782,7 +782,7 @@ def evaluate(res):
             out.append(_check("c", f"{ws} window(256,0) vs causal {n}T >= 3", x >= 3,
                               f"{x:.2f}x ({rw['time'] * 1e3:.0f} vs {rc['time'] * 1e3:.0f} ms)",
                               rc, rw))
-    bw = res["bandwidth"][str(nmax)]["gbs"] if res.get("bandwidth") else None
+    bw = (res.get("bandwidth") or {}).get(str(nmax), {}).get("gbs")
     for r in rows:
         if r["target"] != "d":
             continue
