@@ -371,6 +371,8 @@ def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, m
         first[name] = calls[name]()
         dt = time.perf_counter() - t0
         per[name] = max(1, min(100000, int(math.ceil(min_sample / max(dt, 1e-7)))))
+        if settle_after.get(name):     # else the first round's first sample pays for it
+            time.sleep(settle_after[name])
     samples = {name: [] for name in names}
     start = time.perf_counter()
     for r in range(repeats):
