@@ -296,7 +296,7 @@ ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, con
             for (ptrdiff_t r = 0; r < R4; r += 4)                                          \
                 fa_qk_##SUF##_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);  \
         }                                                                                  \
-        for (ptrdiff_t r = R4; r < R; r++)    /* V fetched with the first pass if not yet */ \
+        for (ptrdiff_t r = R4; r < R; r++)    /* no four-row pass: the first row fetches V */ \
             fa_qk_##SUF##_row1x8(k, ldk, Q + r * D, D, S + r * lds + j,                    \
                                  !R4 && r == 0 ? pfj : NULL, pf_ld, pf_row);               \
     }                                                                                      \
@@ -349,11 +349,13 @@ FA_AVX2 static inline void fa_qk_f64_rows4(const double *k, const double *Q, ptr
 }
 
 FA_AVX2 static inline void fa_qk_f64_row1x4(const double *K, ptrdiff_t ldk, const double *q,
-                                            ptrdiff_t D, double *s) {
+                                            ptrdiff_t D, double *s, const char *pf,
+                                            ptrdiff_t pf_ld, ptrdiff_t pf_row) {
     ptrdiff_t D8 = D & ~(ptrdiff_t)7, D4 = D & ~(ptrdiff_t)3;
     __m256d a[4];
     for (int t = 0; t < 4; t++) {
         const double *k = K + t * ldk;
+        if (pf) fa_prefetch_bytes(pf + t * pf_ld, pf_row);
         __m256d x = _mm256_setzero_pd(), y = x;
         ptrdiff_t c = 0;
         for (; c < D8; c += 8) {
@@ -375,13 +377,15 @@ FA_AVX2 static void fa_qk_f64_avx2(const double *K, ptrdiff_t ldk, ptrdiff_t n,
     ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;
     for (; j + 4 <= n; j += 4) {
         const double *k = K + j * ldk;
-        for (int t = 0; t < 4; t++) {
-            if (pf) fa_prefetch_bytes(pf + (j + t) * pf_ld, pf_row);
+        const char *pfj = pf ? pf + j * pf_ld : NULL;
+        for (int t = 0; R4 && t < 4; t++) {
+            if (pfj) fa_prefetch_bytes(pfj + t * pf_ld, pf_row);
             for (ptrdiff_t r = 0; r < R4; r += 4)
                 fa_qk_f64_rows4(k + t * ldk, Q + r * D, D, S + r * lds + j + t, lds);
         }
-        for (ptrdiff_t r = R4; r < R; r++)
-            fa_qk_f64_row1x4(k, ldk, Q + r * D, D, S + r * lds + j);
+        for (ptrdiff_t r = R4; r < R; r++)    /* no four-row pass: the first row fetches V */
+            fa_qk_f64_row1x4(k, ldk, Q + r * D, D, S + r * lds + j,
+                             !R4 && r == 0 ? pfj : NULL, pf_ld, pf_row);
     }
     for (; j < n; j++) {                    /* the last n % 4 keys: plain dot products */
         const double *k = K + j * ldk;
