@@ -196,10 +196,11 @@ cdef inline void qk_stream(const floating *K, Py_ssize_t ldk, Py_ssize_t n, cons
                            const floating *V, Py_ssize_t ldv, Py_ssize_t Dv) noexcept nogil:
     """S[r, j] = Q[r, :] · K[j, :] for few rows, K streamed once (_simd.h); V's rows [0, n)
     are fetched into the cache alongside, for the P·V pass that follows."""
+    cdef Py_ssize_t size = sizeof(floating)
     if floating is float:
-        fa_qk_f32(K, ldk, n, Q, D, R, S, lds, <const char *>V, ldv * sizeof(float), Dv * sizeof(float))
+        fa_qk_f32(K, ldk, n, Q, D, R, S, lds, <const char *>V, ldv * size, Dv * size)
     else:
-        fa_qk_f64(K, ldk, n, Q, D, R, S, lds, <const char *>V, ldv * sizeof(double), Dv * sizeof(double))
+        fa_qk_f64(K, ldk, n, Q, D, R, S, lds, <const char *>V, ldv * size, Dv * size)
 
 
 cdef inline void pv_stream(const floating *P, Py_ssize_t lds, Py_ssize_t R, Py_ssize_t n,
