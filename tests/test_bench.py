@@ -72,6 +72,17 @@ def test_run_without_one_thread(tmp_path):
     assert [r["threads"] for r in res["rows"]] == [2] and "1" not in res["bandwidth"]
 
 
+def test_capped_callable_does_not_use_up_the_budget():
+    """A slow capped callable (the NumPy reference) gets min_repeats samples and leaves the
+    others their rounds; uncapped, it ends the rounds at min_repeats for everyone."""
+    import time
+    calls = {"fast": lambda: None, "slow": lambda: time.sleep(0.03)}
+    for capped, want in ((("slow",), 6), ((), 3)):
+        _, samples, _ = bench.time_interleaved(calls, 6, min_sample=0.0, budget=0.05,
+                                               min_repeats=3, capped=capped)
+        assert len(samples["fast"]) == want and len(samples["slow"]) == 3
+
+
 def test_evaluate_marks_misses():
     row = dict(target="e", shape="1x1x1x1x64", dtype="float32", mode="full", threads=1,
                time=25e-6, ratio={}, decode=False)
