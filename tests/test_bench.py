@@ -83,6 +83,17 @@ def test_capped_callable_does_not_use_up_the_budget():
         assert len(samples["fast"]) == want and len(samples["slow"]) == 3
 
 
+def test_run_with_more_rounds_than_the_reference_gets(tmp_path):
+    """Five rounds: the reference has three samples, fastattn five; the row still reports."""
+    out = tmp_path / "r.json"
+    rc = bench.main(["--shapes", "1,2,16,16,8", "--quick", "--repeats", "5", "--threads", "1",
+                     "--peers", "reference", "--json", str(out), "--plot", ""])
+    assert rc == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert len(row["samples"]["fastattn"]) == 5 and len(row["samples"]["reference"]) == 3
+    assert row["ratio_paired"]["reference"] > 0
+
+
 def test_evaluate_marks_misses():
     row = dict(target="e", shape="1x1x1x1x64", dtype="float32", mode="full", threads=1,
                time=25e-6, ratio={}, decode=False)

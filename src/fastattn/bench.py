@@ -526,8 +526,10 @@ def run_case(case, opts, res=None):
                "time": t, "gflops": case.flops() / t / 1e9, "gbs": case.kv_bytes() / t / 1e9,
                "peer_time": {p: med[p] for p in med if p != "fastattn"},
                "ratio": {p: med[p] / t for p in med if p != "fastattn"},
-               # median over rounds of the ratio within a round (less sensitive to load drift)
-               "ratio_paired": {p: float(np.median(np.divide(samples[p], samples["fastattn"])))
+               # median over rounds of the ratio within a round (less sensitive to load drift;
+               # the reference has samples in the first rounds only)
+               "ratio_paired": {p: float(np.median([a / b for a, b in
+                                                    zip(samples[p], samples["fastattn"])]))
                                 for p in med if p != "fastattn"},
                "cpu_share": cpu, "unavailable": unavailable, "maxdiff": maxdiff,
                "mismatch": [p for p, d in maxdiff.items() if not d <= _tol(case.dtype)],
