@@ -83,6 +83,16 @@ def test_capped_callable_does_not_use_up_the_budget():
         assert len(samples["fast"]) == want and len(samples["slow"]) == 3
 
 
+def test_interleaving_varies_each_callables_predecessor():
+    """Over four rounds every callable runs after at least two different ones."""
+    log = []
+    calls = {n: (lambda n=n: log.append(n)) for n in ("a", "b", "c", "d")}
+    bench.time_interleaved(calls, 4, min_sample=0.0)
+    runs = log[len(calls):]                         # after the warm-up calls
+    before = {n: {p for p, x in zip(runs, runs[1:]) if x == n} for n in calls}
+    assert all(len(p) >= 2 for p in before.values()), before
+
+
 def test_run_with_more_rounds_than_the_reference_gets(tmp_path):
     """Five rounds: the reference has three samples, fastattn five; the row still reports."""
     out = tmp_path / "r.json"

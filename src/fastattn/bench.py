@@ -358,7 +358,10 @@ OPENBLAS_SPIN_S = 0.15
 
 def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, min_repeats=3,
                      settle_after=None, capped=()):
-    """Median seconds per call of each callable, repeats interleaved with a rotating order.
+    """Median seconds per call of each callable, repeats interleaved: round r runs them in
+    an order rotated by r, reversed on odd rounds (rotation alone gave every callable the
+    same predecessor in every round: fastattn at 2 threads always ran right after the NumPy
+    reference and its 150 ms sleep, and the same-run 1-thread timing right after fastattn).
 
     settle: seconds of sleep before each sample; settle_after: {name: seconds} of sleep
     after each sample of that callable.  budget: seconds after which no new round starts
@@ -380,6 +383,8 @@ def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, m
     spent = 0.0                        # the time the budget counts
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
+        if r % 2:
+            order.reverse()
         for name in order:
             if name in capped and len(samples[name]) >= min_repeats:
                 continue
