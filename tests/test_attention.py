@@ -460,6 +460,47 @@ def test_out_strided_view_returned_and_filled(dtype, rng):
     assert o is not None and np.shares_memory(o, buf)
 
 
+@pytest.mark.parametrize("arg", ["key_lengths", "query_offset"])
+def test_out_sharing_memory_with_an_int_argument(arg, rng):
+    """out=: an out that shares memory with key_lengths / query_offset gets the result the
+    call has with a copy of them (the kernel once read key lengths the output had overwritten,
+    and then keys far past Lk: a crash)."""
+    B, Lk, D = 4, 3, 2
+    q, k, v = rand(rng, (B, 1, 1, D), np.float64), rand(rng, (B, 1, Lk, D), np.float64), \
+        rand(rng, (B, 1, Lk, D), np.float64)
+    buf = np.zeros(B * D)
+    ints = buf[:B].view(np.int64)
+    ints[:] = [3, 2, 3, 1] if arg == "key_lengths" else [0, 1, -1, 2]
+    kw = dict(causal=True) if arg == "query_offset" else {}
+    want = fastattn.attention(q, k, v, **{arg: ints.copy()}, **kw)
+    out = buf.reshape(B, 1, 1, D)
+    fastattn.attention(q, k, v, **{arg: ints}, out=out, **kw)
+    assert np.array_equal(out, want)
+
+
+def test_float64_mask_beyond_float32_stays_finite(rng):
+    """mask: a float64 mask on float32 inputs is narrowed with finite values kept finite
+    (-1e40 acts as float32's most negative value, not as -inf, which would hide the keys);
+    -inf still hides."""
+    q, k, v = _qkv(rng, b=1, h=1, lq=3, lk=4)
+    m = np.zeros((3, 4))
+    m[0] = -1e40                 # a whole row: equal scores, the mean of V (not a zero row)
+    m[1, :2] = -np.inf
+    m[2, 1] = -1e40
+    f32 = np.where(np.isinf(m), m, np.clip(m, -3.4028235e38, 3.4028235e38)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fastattn.attention(q, k, v, mask=m)
+    assert np.array_equal(got, fastattn.attention(q, k, v, mask=f32))
+    np.testing.assert_allclose(got[0, 0, 0], v[0, 0].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_query_and_key_heads_give_an_empty_result(rng):
+    """empty: Hq = Hkv = 0 is an empty result (as in torch), not an error"""
+    z = np.zeros((2, 0, 3, 4), np.float32)
+    assert fastattn.attention(z, z, z).shape == (2, 0, 3, 4)
+
+
 def test_out_for_2d_inputs_is_returned(rng):
     """out=: with 2-D (L, D) inputs the very same out object is returned."""
     q = rand(rng, (5, 4))

@@ -253,6 +253,23 @@ def test_multihead_attention_matches_torch(torch, bias):
     assert max_err(m(x[0]), ref_self[0]) <= TOL                          # unbatched
 
 
+def test_multihead_attention_causal_is_top_left_in_self_and_cross(torch):
+    """causal=True hides key j from query i when j > i whether or not key is the query
+    object (with padding too), as torch.nn.MultiheadAttention with a causal attn_mask."""
+    E, H, B, L, S = 16, 2, 2, 4, 6
+    m_t = randomize(torch, torch.nn.MultiheadAttention(E, H, batch_first=True)).eval()
+    m = fastattn.MultiHeadAttention.from_torch(m_t)
+    x, mem = randn(B, L, E, seed=1), randn(B, S, E, seed=2)
+    kl = np.array([2, 4])
+    selfy = m(x, causal=True, key_lengths=kl)
+    assert max_err(m(x, x.copy(), causal=True, key_lengths=kl), selfy) <= 1e-6
+    causal = torch.ones(L, S, dtype=torch.bool).triu(1)              # True: hidden
+    with torch.enable_grad():
+        ref = m_t(*map(torch.from_numpy, (x, mem, mem)), attn_mask=causal,
+                  key_padding_mask=pad_mask(torch, [5, 6], S))[0].detach()
+    assert max_err(m(x, mem, causal=True, key_lengths=np.array([5, 6])), ref) <= TOL
+
+
 def test_multihead_attention_kdim_vdim_matches_torch(torch):
     E, H, B, L, S = 24, 3, 2, 4, 6
     m_t = randomize(torch, torch.nn.MultiheadAttention(E, H, kdim=10, vdim=14,
@@ -364,6 +381,25 @@ def test_transformer_decode_with_cache():
     assert max_err(model(src, tgt, src_key_lengths=sl), full) == 0
     cache = model.new_cache(memory, 5, memory_key_lengths=sl)
     steps = [model.decode(tgt[:, i:i + 1], memory, cache=cache) for i in range(5)]
+    assert max_err(np.concatenate(steps, 1), full) <= TOL
+
+
+def test_cache_checks_a_memory_passed_with_it_and_keeps_its_own_lengths():
+    """A memory passed along with a cache must be the one the cache was made from (its
+    K/V are what the call uses); the cache keeps a copy of memory_key_lengths."""
+    model = fastattn.Transformer(16, 2, 1, 1, 32, seed=0)
+    memory, tgt = randn(2, 5, 16, seed=1), randn(2, 2, 16, seed=2)
+    sl = np.array([5, 2])
+    full = model.decode(tgt, memory, memory_key_lengths=sl.copy())
+    cache = model.new_cache(memory, 2, memory_key_lengths=sl)
+    sl[:] = 1                                                # the caller's array changes
+    with pytest.raises(ValueError, match="memory"):
+        model.decode(tgt[:, :1], memory + 1, cache=cache)
+    with pytest.raises(ValueError, match="memory"):
+        model.decode(tgt[:, :1], memory[:, :3], cache=cache)
+    assert cache.length == 0
+    steps = [model.decode(tgt[:, :1], memory.copy(), cache=cache),
+             model.decode(tgt[:, 1:], None, cache=cache)]
     assert max_err(np.concatenate(steps, 1), full) <= TOL
 
 
@@ -641,6 +677,26 @@ def test_bad_inputs_raise_clear_errors():
         fastattn.EncoderLayer(16, 2, dtype=np.float16)
     x = randn(2, 0, 16)
     assert layer(x).shape == (2, 0, 16)
+    with pytest.raises(TypeError, match="dtype"):
+        fastattn.EncoderLayer(16, 2, dtype="foo")
+    with pytest.raises(TypeError, match="layer_norm_eps"):
+        fastattn.EncoderLayer(16, 2, layer_norm_eps="x")
+    with pytest.raises(ValueError, match="eps"):
+        fastattn.LayerNorm(16, eps=float("nan"))
+    with pytest.raises(ValueError, match="norm1.weight"):
+        layer.load_state_dict({"norm1.weight": [[1.0], [1.0, 2.0]]}, strict=False)
+
+
+def test_linear_with_an_empty_axis():
+    """linear: K = 0 gives the bias (zeros without one); M = 0 or no rows an empty result"""
+    b = np.arange(4, dtype=np.float32)
+    assert np.array_equal(fastattn.linear(np.ones((2, 0), np.float32),
+                                          np.ones((4, 0), np.float32), b), np.tile(b, (2, 1)))
+    out = np.full((3, 2, 4), 7, np.float32)
+    fastattn.linear(np.ones((3, 2, 0), np.float32), np.ones((4, 0), np.float32), out=out)
+    assert not out.any()
+    assert fastattn.linear(np.ones((2, 3)), np.ones((0, 3))).shape == (2, 0)
+    assert fastattn.linear(np.ones((0, 3)), np.ones((5, 3))).shape == (0, 5)
 
 
 # ---- the example ----------------------------------------------------------------------------

@@ -79,7 +79,34 @@ BAD_CALLS = [
     ("value complex", (Q, K, V.astype(complex)), {}, TypeError, r"value.*complex"),
     ("query object", (Q.astype(object), K, V), {}, TypeError, r"query.*object"),
     ("ragged list", ([[1.0], [1.0, 2.0]], K, V), {}, TypeError, r"query"),
+    ("mask ragged list", (Q, K, V), dict(mask=[[True], [True, False]]), ValueError, r"mask"),
+    ("mask 33 axes", (Q, K, V), dict(mask=np.ones((1,) * 33, bool)), ValueError, r"mask"),
+    ("scale int beyond float", (Q, K, V), dict(scale=10**400), ValueError, r"scale"),
+    ("softcap int beyond float", (Q, K, V), dict(softcap=10**400), ValueError, r"softcap"),
+    ("num_threads 2**31", (Q, K, V), dict(num_threads=2**31), ValueError, r"num_threads"),
 ]
+
+
+@pytest.mark.parametrize("kw", [dict(scale=1e39), dict(scale=-1e39), dict(softcap=1e39),
+                                dict(softcap=1e-46)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_scale_and_softcap_outside_the_compute_dtype_refused(kw, dtype):
+    """validation: a finite scale/softcap that float32 (the compute dtype of float32 and
+    float16) cannot hold is refused, not turned into inf (NaN output) or 0 (softcap dropped);
+    float64 takes them."""
+    q, k, v = (a.astype(dtype) for a in (Q, K, V))
+    with pytest.raises(ValueError, match=list(kw)[0]):
+        fastattn.attention(q, k, v, **kw)
+    assert np.isfinite(fastattn.attention(*(a.astype(np.float64) for a in (Q, K, V)),
+                                          **kw)).all()
+
+
+def test_set_num_threads_refuses_what_no_kernel_can_take():
+    """validation: set_num_threads(2**31) raises instead of making every later projection
+    fail converting it to a C int."""
+    with pytest.raises(ValueError, match="num_threads"):
+        fastattn.set_num_threads(2**31)
+    assert fastattn.linear(np.ones((4, 8), np.float32), np.ones((5, 8), np.float32)).shape == (4, 5)
 
 
 @pytest.mark.parametrize("desc,args,kw,err,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])

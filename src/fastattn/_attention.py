@@ -12,7 +12,7 @@ import operator
 import numpy as np
 
 from . import _kernel
-from ._threads import blas_guard, check_num_threads, get_num_threads
+from ._threads import MAX_THREADS, blas_guard, check_num_threads, get_num_threads
 
 __all__ = ["attention"]
 
@@ -138,7 +138,7 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     if lv != lk or hv != hkv:
         raise ValueError(f"key and value must have the same heads and length: "
                          f"{_shape_str(('key', k), ('value', v))}")
-    if hkv == 0 or hq % hkv:
+    if hkv == 0 and hq != 0 or hkv and hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}): "
                          f"{_shape_str(('query', q), ('key', k))}")
     batch_shape = q.shape[:-3]
@@ -172,17 +172,25 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     full = batch_shape + (hq, lq, lk)
     c.mask = None
     if mask is not None:
-        m = np.asarray(mask)
+        try:
+            m = np.asarray(mask)
+        except ValueError as exc:  # ragged lists
+            raise ValueError(f"mask must be an array: {exc}") from None
         if m.dtype != np.bool_ and m.dtype.kind != "f":
             raise TypeError(f"mask must be a bool or float array, got dtype {m.dtype}")
         try:
             ok = np.broadcast_shapes(m.shape, full) == full
-        except ValueError:
+        except (ValueError, RuntimeError):     # RuntimeError: more than 32 axes
             ok = False
         if not ok:
             raise ValueError(f"mask of shape {m.shape} does not broadcast to (*batch, Hq, Lq, Lk) "
                              f"= {full}")
         if m.dtype.kind == "f" and (m.dtype != dtype or not m.dtype.isnative):
+            if m.dtype.itemsize > dtype.itemsize:
+                # narrowing (float64 mask, float32 compute): finite values stay finite, as
+                # very negative but finite (finfo.min) rather than -inf, which hides the key
+                big = np.finfo(dtype).max
+                m = np.where(np.isinf(m), m, np.clip(m, -big, big))
             m = m.astype(dtype)
         if not m.flags.aligned:
             m = m.copy()
@@ -201,7 +209,8 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
         if kl.size and (kl.min() < 0 or kl.max() > lk):
             raise ValueError(f"key_lengths must lie in [0, Lk] = [0, {lk}], got values in "
                              f"[{kl.min()}, {kl.max()}]")
-        klen = np.ascontiguousarray(np.broadcast_to(kl, batch_shape), dtype=np.int64).reshape(-1)
+        # a copy, never the caller's array: `out` may share its memory
+        klen = np.broadcast_to(kl, batch_shape).astype(np.int64).reshape(-1)
     if type(query_offset) is int:
         qoff = np.full(nb, max(-_OFFSET_LIMIT, min(_OFFSET_LIMIT, query_offset)), np.int64)
     elif query_offset is not None:
@@ -210,7 +219,7 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
             qo = np.minimum(qo.astype(np.uint64), np.uint64(_OFFSET_LIMIT))
         else:
             qo = np.clip(qo.astype(np.int64), -_OFFSET_LIMIT, _OFFSET_LIMIT)
-        qoff = np.ascontiguousarray(np.broadcast_to(qo, batch_shape), dtype=np.int64).reshape(-1)
+        qoff = np.broadcast_to(qo, batch_shape).astype(np.int64).reshape(-1)
     c.klen, c.qoff = klen, qoff
 
     # window and causal -> one interval p - left <= j <= p + right
@@ -231,18 +240,22 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
         right = min(right, 0)
     c.left, c.right = left, right
 
+    # the kernel computes in `dtype`: scale and softcap must be finite there, softcap > 0
+    fin = np.finfo(dtype)
+    big, tiny = float(fin.max), float(fin.smallest_subnormal)
     if scale is None:
         c.scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     else:
         c.scale = _real(scale, "scale")
-        if not math.isfinite(c.scale):
-            raise ValueError(f"scale must be finite, got {scale!r}")
+        if not abs(c.scale) <= big:
+            raise ValueError(f"scale must be finite in {dtype} (the compute dtype), got {scale!r}")
     if softcap is None:
         c.softcap = 0.0
     else:
         c.softcap = _real(softcap, "softcap")
-        if not (c.softcap > 0 and math.isfinite(c.softcap)):
-            raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+        if not tiny <= c.softcap <= big:
+            raise ValueError(f"softcap must be a number > 0 and finite in {dtype} (the compute "
+                             f"dtype), got {softcap!r}")
 
     c.num_threads = get_num_threads() if num_threads is None else check_num_threads(num_threads)
 
@@ -267,7 +280,10 @@ def _real(x, name):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
         if not (isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf"):
             raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:                     # an int beyond the float range
+        raise ValueError(f"{name} must be finite, got {x!r}") from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -317,7 +333,8 @@ def attention(query, key, value, *, mask=None, causal=False, query_offset=None, 
     """
     if (mask is None and query_offset is None and window is None and key_lengths is None
             and scale is None and softcap is None and out is None
-            and (num_threads is None or type(num_threads) is int and num_threads >= 1)
+            and (num_threads is None or type(num_threads) is int
+                 and 1 <= num_threads <= MAX_THREADS)
             and return_weights is False and (causal is False or causal is True)):
         o = _attention_plain(query, key, value, causal, num_threads)
         if o is not None:

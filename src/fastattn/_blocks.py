@@ -21,6 +21,8 @@ Decoding with a cache (``new_cache``): each layer's cross-attention K/V of the m
 computed once, self-attention K/V go into preallocated ``(B, Hkv, max_length, D)`` buffers, and
 each call appends ``t >= 1`` positions, attending with bottom-right causal alignment.
 """
+import math
+
 import numpy as np
 
 from . import _fused
@@ -36,7 +38,10 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 # ---- helpers -------------------------------------------------------------------------------
 
 def _check_dtype(dtype):
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt
@@ -48,6 +53,16 @@ def _check_int(x, name, minimum):
     if x < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
     return int(x)
+
+
+def _check_eps(eps, name):
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer,
+                                                                np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0, got {eps}")
+    return eps
 
 
 def _check_activation(activation):
@@ -130,7 +145,8 @@ def linear(x, weight, bias=None, *, activation=None, out=None):
     if a.ndim < 1 or a.shape[-1] != w.shape[1]:
         raise ValueError(f"x {a.shape} and weight {w.shape} do not match on K")
     lead = a.shape[:-1]
-    x2 = np.ascontiguousarray(a, dtype=dt).reshape(-1, w.shape[1])
+    M, K = w.shape
+    x2 = np.ascontiguousarray(a, dtype=dt).reshape(math.prod(lead), K)
     b = None
     if bias is not None:
         b = np.ascontiguousarray(bias, dtype=dt)
@@ -143,7 +159,7 @@ def linear(x, weight, bias=None, *, activation=None, out=None):
         return _linear(x2, w, b, activation).reshape(shape)
     if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
         raise ValueError(f"out must be a {dt} array of shape {shape}")
-    o2 = out.reshape(-1, w.shape[0]) if out.flags.c_contiguous else None
+    o2 = out.reshape(math.prod(lead), M) if out.flags.c_contiguous else None
     if o2 is None or np.may_share_memory(out, a):
         np.copyto(out, _linear(x2, w, b, activation).reshape(shape))
         return out
@@ -229,7 +245,10 @@ class _Block:
             if name not in mapping:
                 continue
             cur = getattr(obj, attr)
-            v = np.asarray(mapping[name])
+            try:
+                v = np.asarray(mapping[name])
+            except ValueError as exc:  # ragged lists
+                raise ValueError(f"{name}: not an array: {exc}") from None
             if v.dtype.kind not in "fiu":
                 raise TypeError(f"{name}: expected a float array, got dtype {v.dtype}")
             if v.shape != cur.shape:
@@ -257,9 +276,7 @@ class LayerNorm(_Block):
             normalized_shape = normalized_shape[0]
         n = _check_int(normalized_shape, "normalized_shape", 1)
         self.dtype = _check_dtype(dtype)
-        self.eps = float(eps)
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.eps = _check_eps(eps, "eps")
         self.weight = np.ones(n, self.dtype)
         self.bias = np.zeros(n, self.dtype) if bias else None
 
@@ -304,7 +321,8 @@ class MultiHeadAttention(_Block):
     value omitted, or the query object itself) runs one fused QKV GEMM.  ``mask`` follows
     :func:`fastattn.attention` (bool True = attend, or additive float), broadcasting to
     ``(B, H, Lq, Lk)``; ``key_lengths`` (B,) counts the valid keys (padding on the right).
-    With ``return_weights=True`` returns ``(output, weights)``, weights ``(B, H, Lq, Lk)``
+    ``causal=True`` hides key j from query i when j > i (top-left, like torch.nn's causal
+    masks), for self- and cross-attention alike.  With ``return_weights=True`` returns ``(output, weights)``, weights ``(B, H, Lq, Lk)``
     per head (PyTorch averages them over heads by default: ``weights.mean(1)``).
     """
 
@@ -412,8 +430,10 @@ class MultiHeadAttention(_Block):
     def _cross(self, x2, B, L, k, v, *, mask, key_lengths, causal=False, out=None,
                accumulate=False, return_weights=False):
         q = self._heads(_linear(x2, self._w("q"), self._b("q")), B, L, self.num_heads)
+        # causal: key j for query i when j <= i (top-left, as torch.nn's causal masks), also
+        # when the key is another array than the query
         ob, w = self._attend(q, k, v, B, L, mask=mask, key_lengths=key_lengths, causal=causal,
-                             return_weights=return_weights)
+                             return_weights=return_weights, query_offset=0)
         return self._out(ob, out, accumulate), w
 
     def _memory_kv(self, key, value, B):
@@ -484,7 +504,7 @@ class _Layer(_Block):
         F = self.dim_feedforward = _check_int(dim_feedforward, "dim_feedforward", 1)
         self.activation = _check_activation(activation)
         self.norm_first = bool(norm_first)
-        self.layer_norm_eps = float(layer_norm_eps)
+        self.layer_norm_eps = _check_eps(layer_norm_eps, "layer_norm_eps")
         self.dtype = dt = _check_dtype(dtype)
         E = self.d_model
         self.linear1_weight = _uniform(rng, (F, E), 1 / np.sqrt(E), dt)
@@ -744,7 +764,7 @@ class DecoderCache:
     """
 
     __slots__ = ("length", "max_length", "batch_size", "memory_length", "memory_key_lengths",
-                 "unbatched", "_layers")
+                 "unbatched", "_layers", "_memory")
 
     @classmethod
     def _make(cls, layers, memory, max_length, memory_key_lengths):
@@ -755,9 +775,11 @@ class DecoderCache:
         c.length = 0
         c.batch_size, c.memory_length = mem.shape[:2]
         c.unbatched = unbatched
-        c.memory_key_lengths = _lengths(memory_key_lengths, "memory_key_lengths",
-                                        c.batch_size, c.memory_length)
+        lengths = _lengths(memory_key_lengths, "memory_key_lengths", c.batch_size,
+                           c.memory_length)
+        c.memory_key_lengths = None if lengths is None else lengths.copy()
         c._layers = [lyr._layer_cache(mem, c.max_length) for lyr in layers]
+        c._memory = mem.copy()            # private: a call given a memory is checked against it
         return c
 
     def _fits(self, layers):
@@ -803,6 +825,12 @@ def _lengths(x, name, B, limit):
     return a
 
 
+def _same_memory(memory, kept, E, dt):
+    """Whether `memory` holds the values of the cache's memory (`kept`, (B, S, E))."""
+    m, _ = _input(memory, "memory", E, dt)
+    return m.shape == kept.shape and bool(np.array_equal(m, kept))
+
+
 @_guarded
 def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
             memory_key_lengths, cache):
@@ -837,6 +865,10 @@ def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
         if cache.length + L > cache.max_length:
             raise ValueError(f"the cache holds {cache.length} of max_length = "
                              f"{cache.max_length} positions: {L} more do not fit")
+        if memory is not None and not _same_memory(memory, cache._memory, E, dt):
+            raise ValueError("memory differs from the memory the cache was made from (its "
+                             "keys and values are in the cache; pass memory=None, or make a new "
+                             "cache)")
         pos = cache.length
         if memory_key_lengths is None:
             memory_key_lengths = cache.memory_key_lengths

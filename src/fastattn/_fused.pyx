@@ -684,8 +684,7 @@ def add_layernorm(cnp.ndarray x, cnp.ndarray y, cnp.ndarray gamma, cnp.ndarray b
     cdef Py_ssize_t n = x.shape[0], e = x.shape[1]
     if n == 0 or e == 0:
         return norm_out
-    cdef int nt = nthreads if n * e >= LN_PARALLEL_MIN else 1
-    nt = <int>min(nt, n)
+    cdef int nt = <int>min(nthreads, n) if n * e >= LN_PARALLEL_MIN else 1
     cdef float f32 = 0
     cdef double f64 = 0
     cdef char *xp = _data(x)

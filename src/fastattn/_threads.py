@@ -14,6 +14,9 @@ from . import _kernel
 __all__ = ["get_num_threads", "set_num_threads", "blas_guard"]
 
 
+MAX_THREADS = 4096      # more would only be OpenMP threads waiting on each other
+
+
 def _default_threads():
     try:
         n = len(os.sched_getaffinity(0))
@@ -22,7 +25,7 @@ def _default_threads():
     env = os.environ.get("FASTATTN_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
     if env:
         try:
-            n = max(1, int(env.split(",")[0]))
+            n = max(1, min(MAX_THREADS, int(env.split(",")[0])))
         except ValueError:
             pass
     return n
@@ -50,8 +53,8 @@ def check_num_threads(n, name="num_threads"):
     if isinstance(n, bool) or not hasattr(n, "__index__"):
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")
     n = n.__index__()
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{name} must lie in [1, {MAX_THREADS}], got {n}")
     return n
 
 
