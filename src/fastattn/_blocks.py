@@ -322,8 +322,9 @@ class MultiHeadAttention(_Block):
     :func:`fastattn.attention` (bool True = attend, or additive float), broadcasting to
     ``(B, H, Lq, Lk)``; ``key_lengths`` (B,) counts the valid keys (padding on the right).
     ``causal=True`` hides key j from query i when j > i (top-left, like torch.nn's causal
-    masks), for self- and cross-attention alike.  With ``return_weights=True`` returns ``(output, weights)``, weights ``(B, H, Lq, Lk)``
-    per head (PyTorch averages them over heads by default: ``weights.mean(1)``).
+    masks), for self- and cross-attention alike.  With ``return_weights=True`` returns
+    ``(output, weights)``, weights ``(B, H, Lq, Lk)`` per head (PyTorch averages them over
+    heads by default: ``weights.mean(1)``).
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
