@@ -495,6 +495,35 @@ def test_float64_mask_beyond_float32_stays_finite(rng):
     np.testing.assert_allclose(got[0, 0, 0], v[0, 0].mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.dtype(">f4")])
+def test_broadcast_float_mask_of_another_dtype_is_not_materialised(dtype, rng):
+    """mask: a broadcast float mask that needs converting is converted at its own size, not
+    at (*batch, Hq, Lq, Lk) (16 MB here); the result equals the float32 mask's."""
+    import tracemalloc
+    L = 2048
+    q = rand(rng, (1, 1, L, 8))
+    row = (rng.standard_normal(L) * 3).astype(dtype)
+    m = np.broadcast_to(row, (1, 1, L, L))
+    want = fastattn.attention(q, q, q, mask=np.broadcast_to(row.astype(np.float32), m.shape))
+    tracemalloc.start()
+    try:
+        got = fastattn.attention(q, q, q, mask=m)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, want)
+    assert peak < 2 * q.nbytes + (1 << 20), peak
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_matrix_inputs_of_mixed_dtypes(rng):
+    """inputs: np.matrix (a 2-D ndarray subclass) promotes like any 2-D array"""
+    q, k, v = rand(rng, (5, 4)), rand(rng, (6, 4), np.float64), rand(rng, (6, 4), np.float64)
+    got = fastattn.attention(np.matrix(q), k, v)
+    assert type(got) is np.ndarray and got.dtype == np.float64
+    assert np.array_equal(got, fastattn.attention(q, k, v))
+
+
 def test_zero_query_and_key_heads_give_an_empty_result(rng):
     """empty: Hq = Hkv = 0 is an empty result (as in torch), not an error"""
     z = np.zeros((2, 0, 3, 4), np.float32)

@@ -612,7 +612,8 @@ def test_linear_strided_rows_and_public_wrapper():
 
 
 def test_activations_accuracy_and_special_values():
-    x = np.concatenate([np.linspace(-12, 12, 100001), [0.0, -0.0, 1e30, -1e30]]).astype(np.float32)
+    x = np.concatenate([np.linspace(-12, 12, 100001),
+                        [0.0, -0.0, 1e30, -1e30, -1e38, -3e38, 3e38]]).astype(np.float32)
     for name in ACTIVATIONS:
         for simd in (True, False):                        # the AVX2 pass and the scalar one
             _fused.simd_init(simd)

@@ -146,3 +146,43 @@ def test_blas_thread_count_restored_after_concurrent_calls(rng):
     after = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()
              if i["user_api"] == "blas"]
     assert before == after
+
+
+FORK_CHILD = """
+import multiprocessing as mp, sys
+import numpy as np, fastattn
+fastattn.set_num_threads(2)
+x = np.ones((64, 256), np.float32); w = np.ones((512, 256), np.float32)
+q = np.random.default_rng(0).standard_normal((2, 4, 256, 32)).astype(np.float32)
+want = fastattn.linear(x, w), fastattn.attention(q, q, q, causal=True)   # the pool starts
+
+
+def child(conn):
+    got = fastattn.linear(x, w), fastattn.attention(q, q, q, causal=True, num_threads=2)
+    conn.send((fastattn.get_num_threads(), all(np.array_equal(a, b) for a, b in zip(got, want))))
+
+
+if __name__ == "__main__":
+    a, b = mp.Pipe()
+    p = mp.get_context("fork").Process(target=child, args=(b,))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        sys.exit("the forked child hung")
+    print(a.recv())
+"""
+
+
+def test_forked_child_runs_serially_instead_of_hanging(tmp_path):
+    """threads: a child forked after the parent ran OpenMP threads (multiprocessing's default
+    on Linux) runs its calls on one thread: GNU OpenMP's pool does not survive fork, and the
+    child's first parallel region used to wait forever.  Same results, no hang."""
+    import subprocess
+    import sys
+    script = tmp_path / "fork_child.py"
+    script.write_text(FORK_CHILD)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "(1, True)"

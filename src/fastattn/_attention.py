@@ -12,7 +12,8 @@ import operator
 import numpy as np
 
 from . import _kernel
-from ._threads import MAX_THREADS, blas_guard, check_num_threads, get_num_threads
+from ._threads import (MAX_THREADS, blas_guard, check_num_threads, get_num_threads,
+                       parallel_threads)
 
 __all__ = ["attention"]
 
@@ -37,7 +38,7 @@ def _float_array(x, name):
     """x as an ndarray of a float dtype the kernel can read: native byte order, aligned."""
     if type(x) is np.ndarray and x.dtype in _NATIVE_FLOATS and x.flags.aligned:
         return x
-    if not isinstance(x, np.ndarray):
+    if type(x) is not np.ndarray:   # subclasses too: np.matrix stays 2-D under x[None]
         try:
             x = np.asarray(x)
         except Exception as exc:  # ragged lists and the like
@@ -186,6 +187,9 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
             raise ValueError(f"mask of shape {m.shape} does not broadcast to (*batch, Hq, Lq, Lk) "
                              f"= {full}")
         if m.dtype.kind == "f" and (m.dtype != dtype or not m.dtype.isnative):
+            # convert the distinct values only: a broadcast (stride 0) axis becomes length 1,
+            # which broadcasts as well, so the mask is never built at the full size
+            m = m[tuple(slice(0, 1) if st == 0 else slice(None) for st in m.strides)]
             if m.dtype.itemsize > dtype.itemsize:
                 # narrowing (float64 mask, float32 compute): finite values stay finite, as
                 # very negative but finite (finfo.min) rather than -inf, which hides the key
@@ -404,7 +408,7 @@ def _attention_plain(q, k, v, causal, num_threads=None):
     o = np.empty((b, hq, lq, dv), dt)
     tiling, nwork = _tiling(b, hq, hkv, lq, lk, d, dv, False)
     nthreads = 1 if 2 * b * hq * lq * lk * (d + dv) < SERIAL_FLOPS \
-        else min(num_threads or get_num_threads(), nwork)
+        else parallel_threads(min(num_threads or get_num_threads(), nwork))
     _launch((q, k, v, o, None, None, None, None, (b,), tiling, _UNBOUNDED,
              0 if causal else _UNBOUNDED, 1.0 / math.sqrt(d), 0.0, nthreads), tiling, d, dv)
     return o
@@ -428,6 +432,6 @@ def _run(c, o, weights):
         m = m.view(np.uint8)
     tiling, nwork = _tiling(nb, hq, hkv, lq, lk, d, dv, weights is not None)
     flops = 2 * nb * hq * lq * lk * (d + dv)
-    nthreads = 1 if flops < SERIAL_FLOPS else min(c.num_threads, nwork)
+    nthreads = 1 if flops < SERIAL_FLOPS else parallel_threads(min(c.num_threads, nwork))
     _launch((c.query, _blas_ready(c.key), _blas_ready(c.value), o, m, weights, c.klen, c.qoff,
              c.batch_shape, tiling, c.left, c.right, c.scale, c.softcap, nthreads), tiling, d, dv)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _fused
 from ._attention import attention
-from ._threads import blas_guard, get_num_threads
+from ._threads import blas_guard, get_num_threads, parallel_threads
 
 __all__ = ["LayerNorm", "MultiHeadAttention", "EncoderLayer", "DecoderLayer", "Encoder",
            "Decoder", "Transformer", "DecoderCache", "linear"]
@@ -113,7 +113,7 @@ def _linear(x, w, b=None, act=None, out=None, accumulate=False):
     BLAS guard)."""
     if out is None:
         out = np.empty((x.shape[0], w.shape[0]), x.dtype)
-    return _fused.linear(x, w, b, out, act, accumulate, get_num_threads())
+    return _fused.linear(x, w, b, out, act, accumulate, parallel_threads(get_num_threads()))
 
 
 def _layernorm(x, y, norm, sum_out=None, norm_out=None):
@@ -121,7 +121,7 @@ def _layernorm(x, y, norm, sum_out=None, norm_out=None):
     if norm_out is None:
         norm_out = np.empty_like(x)
     return _fused.add_layernorm(x, y, norm.weight, norm._beta(), norm.eps, sum_out, norm_out,
-                                get_num_threads())
+                                parallel_threads(get_num_threads()))
 
 
 @_guarded

@@ -95,11 +95,11 @@ cdef extern from *:
         case FF_RELU: return v > 0.0f ? v : (v == v ? 0.0f : v);
         case FF_GELU: return 0.5f * v * (1.0f + ff_erf_f32(v * FF_SQRT1_2));
         case FF_GELU_TANH: {
-            /* 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)) */
+            /* 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)); past exp's range tanh(u) is -1 in
+             * float32 and the result 0 (v * 0: -0, and NaN for v = -inf, as 0.5 v (1 + -1)) */
             float u = FF_SQRT2_PI * (v + 0.044715f * v * v * v);
             float e = -2.0f * u;
-            e = e > 88.0f ? 88.0f : e;
-            return v / (1.0f + expf(e));
+            return e > 88.0f ? v * 0.0f : v / (1.0f + expf(e));
         }
         default: return v;
         }
@@ -155,8 +155,11 @@ cdef extern from *:
             __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
             __m256 u = _mm256_mul_ps(_mm256_set1_ps(FF_SQRT2_PI),
                                      _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
-            __m256 e = fa_exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u));
-            return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            __m256 a = _mm256_mul_ps(_mm256_set1_ps(-2.0f), u);
+            __m256 e = fa_exp8(a);                      /* as the plain C twin: 0 past 88 */
+            __m256 g = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            __m256 far = _mm256_cmp_ps(a, _mm256_set1_ps(88.0f), _CMP_GT_OQ);
+            return _mm256_blendv_ps(g, _mm256_mul_ps(v, _mm256_setzero_ps()), far);
         }
         default:
             return v;

@@ -36,6 +36,35 @@ BLAS_PATH = _kernel.blas_init()
 BLAS_CONTROL = _kernel.blas_get_global() > 0     # the library's thread count is reachable
 
 
+# GNU OpenMP's thread pool does not survive fork(): in a child forked after the parent ran a
+# parallel region, the child's next region waits forever for threads fork did not copy.  Such
+# a child runs every call on its calling thread (PyTorch does the same).
+_pool_started = False       # a parallel region may have run in this process
+_pool_lost = False          # this process is a fork of one where it had
+
+
+def _after_fork_in_child():
+    global _pool_lost, _num_threads
+    if _pool_started:
+        _pool_lost = True
+        _num_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def parallel_threads(n):
+    """The thread count a parallel region of n threads may really use (1 in a forked child
+    whose OpenMP pool was lost); notes that a pool may now exist."""
+    global _pool_started
+    if n > 1:
+        if _pool_lost:
+            return 1
+        _pool_started = True
+    return n
+
+
 def get_num_threads():
     """The number of threads fastattn's kernels use when a call does not say."""
     return _num_threads
