@@ -686,6 +686,13 @@ def test_bad_inputs_raise_clear_errors():
         fastattn.LayerNorm(16, eps=float("nan"))
     with pytest.raises(ValueError, match="norm1.weight"):
         layer.load_state_dict({"norm1.weight": [[1.0], [1.0, 2.0]]}, strict=False)
+    with pytest.raises(ValueError, match="norm1.weight.*range"):
+        layer.load_state_dict({"norm1.weight": np.full(16, 1e300)}, strict=False)
+    assert np.all(layer.norm1.weight == 1)                # nothing loaded
+    with pytest.raises(ValueError, match="d_model = 15"):
+        fastattn.EncoderLayer(15, 4)
+    with pytest.raises(TypeError, match="bias"):
+        fastattn.linear(np.ones((2, 3)), np.ones((4, 3)), np.ones(4, complex))
 
 
 def test_linear_with_an_empty_axis():

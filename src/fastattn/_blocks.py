@@ -149,7 +149,10 @@ def linear(x, weight, bias=None, *, activation=None, out=None):
     x2 = np.ascontiguousarray(a, dtype=dt).reshape(math.prod(lead), K)
     b = None
     if bias is not None:
-        b = np.ascontiguousarray(bias, dtype=dt)
+        b = np.asarray(bias)
+        if b.dtype.kind not in "fiu":
+            raise TypeError(f"bias must be a real array, got dtype {b.dtype}")
+        b = np.ascontiguousarray(b, dtype=dt)
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
     if activation is not None:
@@ -253,7 +256,10 @@ class _Block:
                 raise TypeError(f"{name}: expected a float array, got dtype {v.dtype}")
             if v.shape != cur.shape:
                 raise ValueError(f"{name}: expected shape {cur.shape}, got {v.shape}")
-            new[name] = np.array(v, dtype=cur.dtype, order="C", copy=True)
+            with np.errstate(over="ignore"):
+                new[name] = np.array(v, dtype=cur.dtype, order="C", copy=True)
+            if v.dtype.kind == "f" and np.isinf(new[name]).sum() != np.isinf(v).sum():
+                raise ValueError(f"{name}: values beyond the range of {cur.dtype}")
         for name, v in new.items():
             obj, attr = named[name]
             setattr(obj, attr, v)
@@ -502,6 +508,9 @@ class _Layer(_Block):
                      layer_norm_eps, bias, dtype, rng):
         self.d_model = _check_int(d_model, "d_model", 1)
         self.num_heads = _check_int(num_heads, "num_heads", 1)
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model = {self.d_model} must be divisible by num_heads = "
+                             f"{self.num_heads}")
         F = self.dim_feedforward = _check_int(dim_feedforward, "dim_feedforward", 1)
         self.activation = _check_activation(activation)
         self.norm_first = bool(norm_first)
