@@ -69,7 +69,7 @@ def plain_attention(query, key, value, *, dtype=np.float64, mask=None, causal=Fa
     batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     hq, lq, d = q.shape[-3:]
     hkv, lk, dv = v.shape[-3:]
-    group = hq // hkv
+    group = hq // hkv if hkv else 1                  # Hq = Hkv = 0: an empty result
     q = np.broadcast_to(q, batch + q.shape[-3:]).astype(dtype)
     k = np.repeat(np.broadcast_to(k, batch + k.shape[-3:]).astype(dtype), group, axis=-3)
     v = np.repeat(np.broadcast_to(v, batch + v.shape[-3:]).astype(dtype), group, axis=-3)

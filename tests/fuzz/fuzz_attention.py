@@ -256,7 +256,7 @@ def TestOneInput(data):
     except ValueError:     # option arrays with extra leading 1-axes: skip this one check
         vis_keys = None
     v_bad = ~np.isfinite(np.broadcast_to(v3, bs + v3.shape[-3:])).all(axis=-1)  # (*bs, Hkv, Lk)
-    v_bad = np.repeat(v_bad, hq_ // hkv_, axis=-2)
+    v_bad = np.repeat(v_bad, hq_ // hkv_ if hkv_ else 1, axis=-2)     # Hq = Hkv = 0: empty
     if vis_keys is not None and not (v_bad & vis_keys).any():
         assert fin_out[fin_ref].all(), "a finite reference row is not finite"
     finite_in = all(np.isfinite(a).all() for a in (q, k, v)) and \
