@@ -31,6 +31,20 @@ def test_parse_shape_and_errors():
         bench.main(["--shapes", "1,1,4,4,8", "--peers", "nosuchpeer", "--json", ""])
 
 
+@pytest.mark.parametrize("argv", [["--shapes", "1,3,4,4,8,8,2"], ["--shapes", "1,2,4,4,8,8,4"],
+                                  ["--threads", "5000"], ["--settle", "-1"],
+                                  ["--json", "/proc/no/such/dir/x.json"], ["--json", "/"],
+                                  ["--markdown", "/proc/no/such/dir/x.md"]])
+def test_bad_options_stop_with_a_usage_error_before_any_run(argv, capsys):
+    """an option the run cannot use (GQA heads that do not divide, a thread count above the
+    limit, a negative sleep, an output path that cannot be written) stops at once with
+    argparse's usage error, not with a traceback after the measurements"""
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick"] + argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
 def test_default_suite_covers_target_rows():
     rows = {c.target for c in bench.suite()}
     assert set("abcdef") <= rows

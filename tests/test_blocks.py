@@ -695,6 +695,14 @@ def test_bad_inputs_raise_clear_errors():
         fastattn.linear(np.ones((2, 3)), np.ones((4, 3)), np.ones(4, complex))
 
 
+def test_guarded_entry_points_keep_their_signatures():
+    """help() and inspect see the real parameters of the BLAS-guarded entry points"""
+    import inspect
+    assert "activation" in inspect.signature(fastattn.linear).parameters
+    assert "key_lengths" in inspect.signature(fastattn.MultiHeadAttention.__call__).parameters
+    assert "max_length" in inspect.signature(fastattn.Decoder.new_cache).parameters
+
+
 def test_linear_with_an_empty_axis():
     """linear: K = 0 gives the bias (zeros without one); M = 0 or no rows an empty result"""
     b = np.arange(4, dtype=np.float32)

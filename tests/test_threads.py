@@ -186,3 +186,30 @@ def test_forked_child_runs_serially_instead_of_hanging(tmp_path):
                        timeout=180)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(1, True)"
+
+
+@pytest.mark.parametrize("env,want", [
+    (dict(FASTATTN_NUM_THREADS="abc", OMP_NUM_THREADS="1"), "1 warn"),
+    (dict(FASTATTN_NUM_THREADS="3", OMP_NUM_THREADS="1"), "3"),
+    (dict(OMP_NUM_THREADS="2,1"), "2"),
+    (dict(OMP_NUM_THREADS="0"), "cores warn"),
+    (dict(FASTATTN_NUM_THREADS="99999"), "cores warn"),
+])
+def test_thread_environment_variables(env, want):
+    """threads: FASTATTN_NUM_THREADS wins over OMP_NUM_THREADS (its first entry); a value that
+    is not an integer in [1, 4096] is ignored with a warning, not silently (nor does it hide
+    the other variable)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import warnings; warnings.simplefilter('always'); import os, fastattn; "
+            "print(fastattn.get_num_threads(), len(os.sched_getaffinity(0)))")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("FASTATTN_NUM_THREADS", "OMP_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got, cores = r.stdout.split()
+    expect, *warn = want.split()
+    assert got == (cores if expect == "cores" else expect)
+    assert ("ignored" in r.stderr) == bool(warn), r.stderr

@@ -21,6 +21,7 @@ Decoding with a cache (``new_cache``): each layer's cross-attention K/V of the m
 computed once, self-attention K/V go into preallocated ``(B, Hkv, max_length, D)`` buffers, and
 each call appends ``t >= 1`` positions, attending with bottom-right causal alignment.
 """
+import functools
 import math
 
 import numpy as np
@@ -100,11 +101,10 @@ def _blas_one_thread():
 
 
 def _guarded(method):
+    @functools.wraps(method)            # keeps the signature for help() and inspect
     def wrapper(*args, **kwargs):
         with _blas_one_thread():
             return method(*args, **kwargs)
-    wrapper.__name__, wrapper.__qualname__ = method.__name__, method.__qualname__
-    wrapper.__doc__ = method.__doc__
     return wrapper
 
 

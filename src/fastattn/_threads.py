@@ -8,6 +8,7 @@ at one while any kernel runs, with one save/restore shared by all concurrent cal
 """
 import os
 import threading
+import warnings
 
 from . import _kernel
 
@@ -18,17 +19,24 @@ MAX_THREADS = 4096      # more would only be OpenMP threads waiting on each othe
 
 
 def _default_threads():
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    env = os.environ.get("FASTATTN_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    if env:
+    """FASTATTN_NUM_THREADS, else OMP_NUM_THREADS (its first entry), else the usable cores.
+    A variable that is not an integer in [1, MAX_THREADS] is ignored with a warning."""
+    for name in ("FASTATTN_NUM_THREADS", "OMP_NUM_THREADS"):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            continue
         try:
-            n = max(1, min(MAX_THREADS, int(env.split(",")[0])))
+            n = int(text.split(",")[0])
         except ValueError:
-            pass
-    return n
+            n = 0
+        if 1 <= n <= MAX_THREADS:
+            return n
+        warnings.warn(f"fastattn: {name}={text!r} ignored: not an integer in "
+                      f"[1, {MAX_THREADS}]", RuntimeWarning, stacklevel=2)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 _num_threads = _default_threads()

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import fastattn
+from fastattn._threads import MAX_THREADS
 
 __all__ = ["main", "Case", "suite", "run"]
 
@@ -152,6 +153,10 @@ def parse_shape(text):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected B,H,Lq,Lk,D[,Dv][,Hkv] "
                                          "of positive integers")
     names = ("B", "Hq", "Lq", "Lk", "D", "Dv", "Hkv")
+    if len(nums) == 7 and nums[1] % nums[6]:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: the query heads H = {nums[1]} "
+                                         f"must be a multiple of the key/value heads Hkv = "
+                                         f"{nums[6]}")
     return dict(zip(names, nums))
 
 
@@ -1093,9 +1098,35 @@ def _threads_arg(text):
         t = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         t = ()
-    if not t or min(t) < 1:
-        raise argparse.ArgumentTypeError(f"bad --threads {text!r}: expected e.g. 1,2")
+    if not t or min(t) < 1 or max(t) > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"bad --threads {text!r}: expected e.g. 1,2 (each in "
+                                         f"[1, {MAX_THREADS}])")
     return t
+
+
+def _seconds_arg(text):
+    try:
+        t = float(text)
+    except ValueError:
+        t = -1.0
+    if not 0 <= t < math.inf:
+        raise argparse.ArgumentTypeError(f"bad --settle {text!r}: expected seconds >= 0")
+    return t
+
+
+def _check_output(parser, path, option):
+    """Refuse, before any measurement, an output path that cannot be written."""
+    if not path or path == "-":
+        return
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        existed = os.path.exists(path)
+        with open(path, "a"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as exc:
+        parser.error(f"{option}: cannot write {path!r} ({exc.strerror})")
 
 
 def _window_arg(text):
@@ -1133,7 +1164,7 @@ def build_parser():
                    help="more repeats and time per case; peers on row c; torch memory too")
     p.add_argument("--peers", default=",".join(PEERS),
                    help="comma-separated peers among torch,onnxruntime,reference ('' = none)")
-    p.add_argument("--settle", type=float, default=None,
+    p.add_argument("--settle", type=_seconds_arg, default=None,
                    help="seconds of sleep before each sample, to let the previous library's "
                         "spinning threads stop (default 0.05: onnxruntime's pool spins for "
                         "milliseconds after a run and halved fastattn's 2-thread speed at 2 ms)")
@@ -1176,7 +1207,11 @@ def cases_from_args(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for path, option in ((args.json, "--json"), (args.plot, "--plot"),
+                         (args.markdown, "--markdown")):
+        _check_output(parser, path, option)
     if args.memory_child:
         _memory_child(json.loads(args.memory_child))
         return 0
