@@ -1,6 +1,6 @@
 """Greedy decoding of a small sequence-to-sequence Transformer in plain NumPy + fastattn.
 
-    python examples/greedy_decode.py [--check] [--threads N]
+    python examples/greedy_decode.py [--check] [--threads N] [--steps N]
 
 The pieces of a translation-style model, none of them from a deep-learning framework:
 token embeddings (scaled by sqrt(d_model)), sinusoidal positions, ``fastattn.Transformer``
@@ -91,15 +91,29 @@ class Seq2Seq:
         return tokens[:, 1:]
 
 
+def _positive(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true",
                     help="also decode without the cache and compare")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--threads", type=_positive, default=None,
+                    help="fastattn's thread count (default: all usable cores)")
+    ap.add_argument("--steps", type=_positive, default=24, help="tokens to decode at most")
     args = ap.parse_args(argv)
-    if args.threads:
-        fastattn.set_num_threads(args.threads)
+    if args.threads is not None:
+        try:
+            fastattn.set_num_threads(args.threads)
+        except ValueError as exc:
+            ap.error(f"--threads: {exc}")
 
     model = Seq2Seq()
     rng = np.random.default_rng(1)
