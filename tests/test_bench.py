@@ -156,3 +156,14 @@ def test_memory_child_reports_extra_rss(capsys):
     bench._memory_child(spec)
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.isfinite(r["extra_mb"]) and r["extra_mb"] < 64
+
+
+def test_collision_without_threadpoolctl_says_so(monkeypatch):
+    """without threadpoolctl the 'NumPy's BLAS held to 1 thread' figure is n/a, not a second
+    unlimited run under that label"""
+    from contextlib import nullcontext
+    monkeypatch.setattr(bench, "_blas_limit",
+                        lambda n, required=False: None if required else nullcontext())
+    c = bench.collision(1, repeats=2, peers=())["fastattn"]
+    assert c["after_matmul_blas1"] is None and c["after_matmul"] > 0
+    assert bench._blas1_ms(c) == "n/a (threadpoolctl not installed)"

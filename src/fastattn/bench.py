@@ -345,14 +345,21 @@ def peer_versions():
 # ----------------------------------------------------------------------------------------------
 # timing
 
-def _blas_limit(n):
-    """Hold the BLAS libraries (NumPy's, SciPy's) to n threads, when threadpoolctl is there."""
+def _blas_limit(n, required=False):
+    """A context holding the BLAS libraries (NumPy's, SciPy's) to n threads.  Without
+    threadpoolctl: a context doing nothing, or None when `required`."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         from contextlib import nullcontext
-        return nullcontext()
+        return None if required else nullcontext()
     return threadpool_limits(limits=n, user_api="blas")
+
+
+def _blas1_ms(c):
+    """The collision figure with NumPy's BLAS held to one thread, or why there is none."""
+    t = c.get("after_matmul_blas1")
+    return "n/a (threadpoolctl not installed)" if t is None else f"{t * 1e3:.2f} ms"
 
 
 # NumPy's OpenBLAS workers spin for 2**28 cycles (~0.1 s here) after each threaded call; a
@@ -576,9 +583,13 @@ def collision(n, repeats=30, peers=("torch",)):
             f()
             ts.append(time.perf_counter() - t0)
         res["alone"] = float(np.median(ts))
-        for label, ctx in (("after_matmul", None), ("after_matmul_blas1", 1)):
+        for label, ctx in (("after_matmul", nullcontext()),
+                           ("after_matmul_blas1", _blas_limit(1, required=True))):
+            if ctx is None:
+                res[label] = None
+                continue
             ts = []
-            with (_blas_limit(ctx) if ctx else nullcontext()):
+            with ctx:
                 for _ in range(repeats):
                     x @ x
                     t0 = time.perf_counter()
@@ -868,7 +879,7 @@ def evaluate(res):
         out.append(_check("g", f"{col['shape']} {col['threads']}T right after a NumPy "
                           "matmul (figure for the README)", None,
                           f"{c['alone'] * 1e3:.2f} alone, {c['after_matmul'] * 1e3:.2f} after "
-                          f"({x:.2f}x); {c['after_matmul_blas1'] * 1e3:.2f} with NumPy BLAS at 1T"))
+                          f"({x:.2f}x); {_blas1_ms(c)} with NumPy BLAS at 1T"))
     for m in res.get("memory", []):
         if m["runner"] == "fastattn" and "extra_mb" in m:
             out.append(_check("h", f"{m['shape']} {m['threads']}T < 64 MB extra",
@@ -951,7 +962,7 @@ def text_report(res):
                 c = col[name]
                 lines.append(f"  {name:<9} alone {c['alone'] * 1e3:.2f} ms, after the matmul "
                              f"{c['after_matmul'] * 1e3:.2f} ms, after it with NumPy's BLAS at 1 "
-                             f"thread {c['after_matmul_blas1'] * 1e3:.2f} ms")
+                             f"thread {_blas1_ms(c)}")
     for m in res.get("memory", []):
         if "extra_mb" in m:
             lines.append(f"memory: {m['runner']} {m['shape']} {m['threads']}T: peak extra RSS "
@@ -1041,7 +1052,7 @@ def markdown(res, argv):
             if name in col:
                 c = col[name]
                 out.append(f"| {name} | {c['alone'] * 1e3:.2f} ms | {c['after_matmul'] * 1e3:.2f} "
-                           f"ms | {c['after_matmul_blas1'] * 1e3:.2f} ms |")
+                           f"ms | {_blas1_ms(c)} |")
     if res.get("memory"):
         out += ["", "## Memory (one call in a fresh subprocess; peak RSS during the call minus "
                 "RSS before it, the output included)", "", "| runner | shape | threads | extra |",
