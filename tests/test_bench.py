@@ -128,15 +128,18 @@ def test_evaluate_marks_misses():
     assert bench.evaluate(res)[0]["met"] is True
 
 
-def test_a_ceiling_fraction_above_one_is_not_met():
-    """a rate above its own ceiling means the ceiling measurement was disturbed (a busy
-    machine once gave 4 GF/s at 2 threads): such a criterion is a miss, saying why"""
+def test_a_ceiling_fraction_far_above_one_is_not_met():
+    """a rate far above its own ceiling means the ceiling measurement was disturbed (a busy
+    machine once gave 4 GF/s at 2 threads): such a criterion is a miss, saying why; a few
+    percent above it is noise in the ceiling's best sample"""
     row = dict(target="a", shape="8x12x512x512x64", dtype="float32", mode="full", threads=2,
                time=0.1, gflops=60.0, ratio={}, decode=False)
     res = {"rows": [row], "sgemm": {"2": {"gflops": 4.1}}, "bandwidth": {}}
     (t,) = bench.evaluate(res)
     assert t["met"] is False and "ceiling was measured too low" in t["measured"]
     res["sgemm"]["2"]["gflops"] = 80.0
+    assert bench.evaluate(res)[0]["met"] is True
+    res["sgemm"]["2"]["gflops"] = 57.0                 # 1.05 of the ceiling
     assert bench.evaluate(res)[0]["met"] is True
 
 

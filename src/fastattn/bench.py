@@ -773,10 +773,14 @@ def _check(tid, what, ok, measured, *rows):
             "cpu": min(shares) if shares else None}
 
 
+CEILING_SLACK = 1.2     # a kernel may beat a ceiling's best sample by noise, not by this much
+
+
 def _disturbed(frac):
-    """A fraction of a ceiling above 1 says the ceiling's own measurement was disturbed (other
-    jobs held the cores then): such a criterion is not met, whatever the figure."""
-    return " (above 1: the ceiling was measured too low; rerun)" if frac > 1 else ""
+    """A fraction of a ceiling well above 1 says the ceiling's own measurement was disturbed
+    (other jobs held the cores then): such a criterion is not met, whatever the figure."""
+    return (" (far above 1: the ceiling was measured too low; rerun)"
+            if frac > CEILING_SLACK else "")
 
 
 def evaluate(res):
@@ -802,7 +806,7 @@ def evaluate(res):
                                       f"{x:.2f}x", r))
             ceil = res["sgemm"][str(n)]["gflops"]
             frac = r["gflops"] / ceil
-            out.append(_check("a", f"{shape} {n}T >= 0.70 of sgemm", 0.70 <= frac <= 1,
+            out.append(_check("a", f"{shape} {n}T >= 0.70 of sgemm", 0.70 <= frac <= CEILING_SLACK,
                               f"{r['gflops']:.1f} / {ceil:.1f} GF/s = {frac:.2f}"
                               + _disturbed(frac), r))
     for s, need in ((PREFILL[0], 1.8), (PREFILL[2], 1.15)):
@@ -829,7 +833,7 @@ def evaluate(res):
         n = r["threads"]
         if n == nmax and bw:
             frac = r["gbs"] / bw
-            out.append(_check("d", f"{r['shape']} {n}T >= 0.7 of bandwidth", 0.7 <= frac <= 1,
+            out.append(_check("d", f"{r['shape']} {n}T >= 0.7 of bandwidth", 0.7 <= frac <= CEILING_SLACK,
                               f"{r['gbs']:.1f} / {bw:.1f} GB/s = {frac:.2f}" + _disturbed(frac),
                               r))
         need = 2.5 if n == 1 else 1.6
