@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 import fastattn
-from fastattn._threads import MAX_THREADS
+from fastattn.bench import _positive_arg, _threads_arg
 
 TARGETS = {"encoder_layer": 1.0, "stack": 6.3, "decode": 20.0}
 
@@ -181,27 +181,6 @@ decode that did nothing but read its weights would reach.
     with open(path, "w") as f:
         f.write(text)
     print(f"wrote {path}")
-
-
-def _threads_arg(text):
-    try:
-        t = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        t = ()
-    if not t or min(t) < 1 or max(t) > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"bad --threads {text!r}: expected e.g. 1,2 (each in "
-                                         f"[1, {MAX_THREADS}])")
-    return t
-
-
-def _positive_arg(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return n
 
 
 def main(argv=None):

@@ -91,24 +91,16 @@ class Seq2Seq:
         return tokens[:, 1:]
 
 
-def _positive(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return n
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true",
                     help="also decode without the cache and compare")
-    ap.add_argument("--threads", type=_positive, default=None,
+    ap.add_argument("--threads", type=int, default=None,
                     help="fastattn's thread count (default: all usable cores)")
-    ap.add_argument("--steps", type=_positive, default=24, help="tokens to decode at most")
+    ap.add_argument("--steps", type=int, default=24, help="tokens to decode at most")
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None:
         try:
             fastattn.set_num_threads(args.threads)

@@ -170,3 +170,17 @@ def test_collision_without_threadpoolctl_says_so(monkeypatch):
     c = bench.collision(1, repeats=2, peers=())["fastattn"]
     assert c["after_matmul_blas1"] is None and c["after_matmul"] > 0
     assert bench._blas1_ms(c) == "n/a (threadpoolctl not installed)"
+
+
+@pytest.mark.parametrize("argv", [["--threads", "abc"], ["--threads", "5000"], ["--threads", "0"],
+                                  ["--repeats", "0"]])
+def test_blocks_benchmark_refuses_bad_options(argv):
+    """bench/bench_blocks.py: a bad option is argparse's usage error (exit 2), not a
+    traceback after minutes of work"""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_blocks.py"
+    r = subprocess.run([sys.executable, str(script)] + argv, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "error:" in r.stderr, r.stderr

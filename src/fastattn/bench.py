@@ -1127,6 +1127,16 @@ def _threads_arg(text):
     return t
 
 
+def _positive_arg(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def _seconds_arg(text):
     try:
         t = float(text)
