@@ -403,6 +403,26 @@ def test_cache_checks_a_memory_passed_with_it_and_keeps_its_own_lengths():
     assert max_err(np.concatenate(steps, 1), full) <= TOL
 
 
+def test_copied_cache_decodes_independently():
+    """copy.copy(cache) forks the decoding state: each copy continues from the shared prefix
+    on its own, as a beam search needs, and neither changes the other's positions"""
+    import copy
+    model = fastattn.Transformer(16, 2, 1, 2, 32, seed=0)
+    memory, tgt = randn(2, 5, 16, seed=1), randn(2, 4, 16, seed=2)
+    other = randn(2, 2, 16, seed=3)
+    cache = model.new_cache(memory, 4)
+    model.decode(tgt[:, :2], None, cache=cache)
+    fork = copy.copy(cache)
+    a = [model.decode(other[:, :1], None, cache=fork)]           # the two interleaved
+    b = [model.decode(tgt[:, 2:3], None, cache=cache)]
+    a.append(model.decode(other[:, 1:], None, cache=fork))
+    b.append(model.decode(tgt[:, 3:], None, cache=cache))
+    assert cache.length == fork.length == 4
+    assert max_err(np.concatenate(b, 1), model.decode(tgt, memory)[:, 2:]) <= TOL
+    want = model.decode(np.concatenate([tgt[:, :2], other], 1), memory)[:, 2:]
+    assert max_err(np.concatenate(a, 1), want) <= TOL
+
+
 def test_cache_limits_raise_and_leave_the_cache_usable():
     B, E = 2, 32
     dec = _decoder(False)

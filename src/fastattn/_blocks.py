@@ -771,6 +771,8 @@ class DecoderCache:
 
     ``length``: positions filled so far; ``max_length``; ``batch_size``.  Made by
     ``Decoder.new_cache`` / ``Transformer.new_cache`` / ``DecoderLayer.new_cache``.
+    ``copy.copy(cache)`` gives an independent cache (own self-attention buffers, the memory's
+    read-only K/V shared), as a beam search that forks a hypothesis needs.
     """
 
     __slots__ = ("length", "max_length", "batch_size", "memory_length", "memory_key_lengths",
@@ -813,6 +815,14 @@ class DecoderCache:
         return (f"DecoderCache(length={self.length}, max_length={self.max_length}, "
                 f"batch_size={self.batch_size}, memory_length={self.memory_length}, "
                 f"layers={len(self._layers)})")
+
+    def __copy__(self):
+        c = DecoderCache.__new__(DecoderCache)
+        c.__setstate__(self.__getstate__())
+        # decoding writes the self-attention buffers: a copy that shared them would overwrite
+        # the original's positions (the memory's K/V are only read)
+        c._layers = [dict(lc, k=lc["k"].copy(), v=lc["v"].copy()) for lc in self._layers]
+        return c
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}
