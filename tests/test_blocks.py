@@ -711,6 +711,10 @@ def test_bad_inputs_raise_clear_errors():
     assert np.all(layer.norm1.weight == 1)                # nothing loaded
     with pytest.raises(ValueError, match="d_model = 15"):
         fastattn.EncoderLayer(15, 4)
+    with pytest.raises(ValueError, match="at least one"):          # as Transformer(..., 0, ...)
+        fastattn.Encoder([])
+    with pytest.raises(TypeError, match="EncoderLayer"):
+        fastattn.Encoder([layer.norm1])
     with pytest.raises(TypeError, match="bias"):
         fastattn.linear(np.ones((2, 3)), np.ones((4, 3)), np.ones(4, complex))
 

@@ -704,8 +704,10 @@ class DecoderLayer(_Layer):
 
 def _check_stack(layers, norm, cls, name):
     layers = list(layers)
-    if not layers or not all(isinstance(lyr, cls) for lyr in layers):
-        raise TypeError(f"{name} takes a non-empty list of {cls.__name__}")
+    if not all(isinstance(lyr, cls) for lyr in layers):
+        raise TypeError(f"{name} takes a list of {cls.__name__}")
+    if not layers:              # as Transformer(num_encoder_layers=0): the same limit, one error
+        raise ValueError(f"{name} needs at least one {cls.__name__}, got none")
     E, dt = layers[0].d_model, layers[0].dtype
     if any(lyr.d_model != E or lyr.dtype != dt for lyr in layers):
         raise ValueError(f"the layers of a {name} must share d_model and dtype")
