@@ -213,3 +213,61 @@ def test_thread_environment_variables(env, want):
     expect, *warn = want.split()
     assert got == (cores if expect == "cores" else expect)
     assert ("ignored" in r.stderr) == bool(warn), r.stderr
+
+
+FORK_GUARD = """
+import multiprocessing as mp, sys, threading
+import numpy as np, fastattn
+from fastattn import _kernel
+from fastattn._threads import blas_guard, BLAS_CONTROL
+_kernel.blas_set_global(2)
+inside, release = threading.Event(), threading.Event()
+
+
+def hold():                     # another thread inside a guarded call at the fork
+    with blas_guard:
+        inside.set()
+        release.wait()
+
+
+def child(conn):
+    before = _kernel.blas_get_global()
+    with blas_guard:            # the lock is the child's own: no wait for a lost thread
+        during = _kernel.blas_get_global()
+    y = fastattn.EncoderLayer(16, 2, 32, seed=0)(np.ones((2, 3, 16), np.float32))
+    conn.send((before, during, _kernel.blas_get_global(), bool(np.isfinite(y).all())))
+
+
+if __name__ == "__main__":
+    if not BLAS_CONTROL:
+        print("(2, 1, 2, True)")
+        sys.exit()
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait()
+    a, b = mp.Pipe()
+    with blas_guard._lock:      # held at the very moment of the fork, as by a thread mid-call
+        p = mp.get_context("fork").Process(target=child, args=(b,))
+        p.start()
+    release.set()
+    t.join()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        sys.exit("the forked child hung")
+    print(a.recv())
+"""
+
+
+def test_fork_while_another_thread_holds_the_blas_guard(tmp_path):
+    """threads: a child forked while another thread is inside a guarded call (its lock even
+    held at that moment) neither waits forever for the lost thread nor keeps the BLAS held at
+    one thread on its behalf"""
+    import subprocess
+    import sys
+    script = tmp_path / "fork_guard.py"
+    script.write_text(FORK_GUARD)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "(2, 1, 2, True)"

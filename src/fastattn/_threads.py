@@ -56,6 +56,7 @@ def _after_fork_in_child():
     if _pool_started:
         _pool_lost = True
         _num_threads = 1
+    blas_guard._after_fork()
 
 
 if hasattr(os, "register_at_fork"):
@@ -104,24 +105,41 @@ class _BlasGuard:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._holders = 0
+        self._holders = {}          # thread ident -> how many holds it has open
         self._saved = -1
 
     def __enter__(self):
         if BLAS_CONTROL:
+            me = threading.get_ident()
             with self._lock:
-                if self._holders == 0:
+                if not self._holders:
                     self._saved = _kernel.blas_set_global(1)
-                self._holders += 1
+                self._holders[me] = self._holders.get(me, 0) + 1
         return self
 
     def __exit__(self, *exc):
         if BLAS_CONTROL:
+            me = threading.get_ident()
             with self._lock:
-                self._holders -= 1
-                if self._holders == 0 and self._saved > 1:
-                    _kernel.blas_set_global(self._saved)
+                self._holders[me] -= 1
+                if not self._holders[me]:
+                    del self._holders[me]
+                self._restore_if_free()
         return False
+
+    def _restore_if_free(self):
+        if not self._holders and self._saved > 1:
+            _kernel.blas_set_global(self._saved)
+
+    def _after_fork(self):
+        """In a forked child only the forking thread lives on: the other threads' holds (and
+        the lock, if one of them had it at the fork) go with them."""
+        self._lock = threading.Lock()
+        me = threading.get_ident()
+        held = bool(self._holders)
+        self._holders = {me: self._holders[me]} if me in self._holders else {}
+        if held and BLAS_CONTROL:
+            self._restore_if_free()
 
 
 blas_guard = _BlasGuard()
