@@ -163,6 +163,48 @@ def test_huge_offsets_and_windows_are_clipped(rng):
     assert not fastattn.attention(q, k, v, window=(-2 ** 70, None)).any()
 
 
+def test_huge_offsets_cancelled_by_huge_window_bounds(rng):
+    """validation: a huge query_offset and a huge window bound that cancel (row i of batch b
+    sees [o_b + i - left, o_b + i + right]) give the keys the exact integers say: clipping
+    each to 2**40 / 2**42 on its own flipped whole rows between all keys and none."""
+    B, Lq, Lk = 3, 4, 9
+    q, k, v = (rand(rng, (B, 1, n, 5), np.float64) for n in (Lq, Lk, Lk))
+    big = [0, 2**40, 2**41 + 3, 2**45, 2**62, 2**70]
+    for trial in range(300):
+        offs = [int(rng.choice([-1, 1])) * int(rng.choice(big)) + int(rng.integers(-12, 12))
+                for _ in range(B)]
+        if trial % 3 == 0:
+            offs = [offs[0]] * B
+        o0 = offs[0] if rng.integers(2) else int(rng.choice(big))
+        left, right = (None if rng.integers(4) == 0 else
+                       int(rng.integers(-12, 12)) + int(rng.choice([-1, 1])) * o0
+                       for _ in range(2))
+        causal = bool(rng.integers(2))
+        want = np.zeros((B, 1, Lq, 5))
+        for b, o in enumerate(offs):
+            vis = np.ones((Lq, Lk), bool)
+            if left is not None:
+                vis &= np.array([[o + a - left <= c for c in range(Lk)] for a in range(Lq)])
+            if right is not None:
+                vis &= np.array([[c <= o + a + right for c in range(Lk)] for a in range(Lq)])
+            if causal:
+                vis &= np.array([[c <= o + a for c in range(Lk)] for a in range(Lq)])
+            s = np.where(vis, q[b, 0] @ k[b, 0].T / np.sqrt(5), -np.inf)
+            m = np.max(s, axis=1, keepdims=True)
+            p = np.where(vis, np.exp(s - np.where(np.isfinite(m), m, 0)), 0)
+            den = p.sum(1, keepdims=True)
+            want[b, 0] = np.divide(p, den, out=np.zeros_like(p), where=den > 0) @ v[b, 0]
+        if len(set(offs)) == 1:
+            qo = offs[0]                                # a plain int: any size
+        elif max(abs(x) for x in offs) < 2**63:
+            qo = np.array(offs, np.int64)
+        else:
+            continue                                    # an int64 array cannot hold them
+        got = fastattn.attention(q, k, v, causal=causal, query_offset=qo, window=(left, right))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12,
+                                   err_msg=f"offsets {offs} window {(left, right)} {causal}")
+
+
 def test_reference_2d_inputs_keep_2d_shape(rng):
     """validation (oracle): reference_attention on 2-D inputs returns (Lq, Dv) like attention."""
     q = rand(rng, (3, 4))

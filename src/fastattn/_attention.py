@@ -215,34 +215,44 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
                              f"[{kl.min()}, {kl.max()}]")
         # a copy, never the caller's array: `out` may share its memory
         klen = np.broadcast_to(kl, batch_shape).astype(np.int64).reshape(-1)
+    exact = None                # the offsets as Python ints where some lie beyond the limit
     if type(query_offset) is int:
         qoff = np.full(nb, max(-_OFFSET_LIMIT, min(_OFFSET_LIMIT, query_offset)), np.int64)
+        if abs(query_offset) > _OFFSET_LIMIT:
+            exact = [query_offset] * nb
     elif query_offset is not None:
         qo = _int_per_batch(query_offset, "query_offset", batch_shape)
+        if qo.size and (qo.max() > _OFFSET_LIMIT or qo.min() < -_OFFSET_LIMIT):
+            exact = np.broadcast_to(qo, batch_shape).reshape(-1).tolist()
         if qo.dtype.kind == "u":
             qo = np.minimum(qo.astype(np.uint64), np.uint64(_OFFSET_LIMIT))
         else:
             qo = np.clip(qo.astype(np.int64), -_OFFSET_LIMIT, _OFFSET_LIMIT)
         qoff = np.broadcast_to(qo, batch_shape).astype(np.int64).reshape(-1)
-    c.klen, c.qoff = klen, qoff
+    c.klen = klen
 
-    # window and causal -> one interval p - left <= j <= p + right
-    left = right = _UNBOUNDED
+    # window and causal -> one interval p - left <= j <= p + right (None: unbounded)
+    wl = wr = None
     if window is not None:
         try:
             wl, wr = window
         except (TypeError, ValueError):
             raise ValueError(f"window must be a pair (left, right) of ints or None, "
                              f"got {window!r}") from None
-        if wl is not None:
-            left = max(-_UNBOUNDED, min(_UNBOUNDED, _index(wl, "window[0]")))
-        if wr is not None:
-            right = max(-_UNBOUNDED, min(_UNBOUNDED, _index(wr, "window[1]")))
+        wl = None if wl is None else _index(wl, "window[0]")
+        wr = None if wr is None else _index(wr, "window[1]")
     if causal is not False and causal is not True and not isinstance(causal, np.bool_):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal:
-        right = min(right, 0)
-    c.left, c.right = left, right
+        wr = 0 if wr is None else min(wr, 0)
+    if exact is None:
+        # offsets within the limit: a bound clipped at 2**42 still passes every key
+        c.qoff = qoff
+        c.left, c.right = (_UNBOUNDED if w is None else max(-_UNBOUNDED, min(_UNBOUNDED, w))
+                           for w in (wl, wr))
+    else:
+        qoff, c.left, c.right = _fold_window(exact, wl, wr)
+        c.qoff = np.array(qoff, np.int64)
 
     # the kernel computes in `dtype`: scale and softcap must be finite there, softcap > 0
     fin = np.finfo(dtype)
@@ -278,6 +288,35 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
             raise ValueError("out is read-only")
         c.out = out
     return c
+
+
+def _fold_window(offsets, left, right):
+    """(offsets, left, right) in int64 range that show every query row the keys the exact
+    ones do (Python ints, huge ones included; left/right None: unbounded).
+
+    Row i of batch item b sees [o_b + i - left, o_b + i + right], so only o_b - left and
+    o_b + right matter, and only up to the rows' and keys' range (both < 2**31): clipping the
+    offsets and the bounds one by one (as for offsets within _OFFSET_LIMIT) would lose a huge
+    offset that a huge bound cancels.  The window's width left + right is the same for every
+    b: a narrow one keeps o_b - left; in a wider one than any key range, at most one bound
+    of each row can hide a key, and that one is kept."""
+    far = 1 << 32                               # past every row + key index
+    clip = lambda x, lim=far: max(-lim, min(lim, x))
+    n = len(offsets)
+    if left is None and right is None:
+        return [0] * n, _UNBOUNDED, _UNBOUNDED
+    if right is None:
+        return [clip(o - left) for o in offsets], 0, _UNBOUNDED
+    if left is None:
+        return [clip(o + right) for o in offsets], _UNBOUNDED, 0
+    width = left + right
+    if width < 0:
+        return [0] * n, 0, -1                   # an empty window: no key for any row
+    if width <= 2 * far:
+        return [clip(o - left, 4 * far) for o in offsets], 0, width
+    half = 2 * far                              # each side of the folded window
+    return [clip(o - left) + half if o - left >= -far else clip(o + right) - half
+            for o in offsets], half, half
 
 
 def _real(x, name):
