@@ -148,6 +148,28 @@ def test_blas_thread_count_restored_after_concurrent_calls(rng):
     assert before == after
 
 
+# the end of each fork script: wait for the child (a hang fails the test, not the suite)
+JOIN_CHILD = """
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        sys.exit("the forked child hung")
+    print(a.recv())
+"""
+
+
+def _fork_script(tmp_path, text):
+    """Run a fork script in a fresh interpreter; its printed result."""
+    import subprocess
+    import sys
+    script = tmp_path / "fork_script.py"
+    script.write_text(text + JOIN_CHILD)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
 FORK_CHILD = """
 import multiprocessing as mp, sys
 import numpy as np, fastattn
@@ -165,27 +187,14 @@ def child(conn):
 if __name__ == "__main__":
     a, b = mp.Pipe()
     p = mp.get_context("fork").Process(target=child, args=(b,))
-    p.start()
-    p.join(60)
-    if p.is_alive():
-        p.kill()
-        sys.exit("the forked child hung")
-    print(a.recv())
-"""
+    p.start()"""
 
 
 def test_forked_child_runs_serially_instead_of_hanging(tmp_path):
     """threads: a child forked after the parent ran OpenMP threads (multiprocessing's default
     on Linux) runs its calls on one thread: GNU OpenMP's pool does not survive fork, and the
     child's first parallel region used to wait forever.  Same results, no hang."""
-    import subprocess
-    import sys
-    script = tmp_path / "fork_child.py"
-    script.write_text(FORK_CHILD)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=180)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "(1, True)"
+    assert _fork_script(tmp_path, FORK_CHILD) == "(1, True)"
 
 
 @pytest.mark.parametrize("env,want", [
@@ -250,24 +259,11 @@ if __name__ == "__main__":
         p = mp.get_context("fork").Process(target=child, args=(b,))
         p.start()
     release.set()
-    t.join()
-    p.join(60)
-    if p.is_alive():
-        p.kill()
-        sys.exit("the forked child hung")
-    print(a.recv())
-"""
+    t.join()"""
 
 
 def test_fork_while_another_thread_holds_the_blas_guard(tmp_path):
     """threads: a child forked while another thread is inside a guarded call (its lock even
     held at that moment) neither waits forever for the lost thread nor keeps the BLAS held at
     one thread on its behalf"""
-    import subprocess
-    import sys
-    script = tmp_path / "fork_guard.py"
-    script.write_text(FORK_GUARD)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=180)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "(2, 1, 2, True)"
+    assert _fork_script(tmp_path, FORK_GUARD) == "(2, 1, 2, True)"
