@@ -326,14 +326,19 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
                 memset(row, 0, n * sizeof(floating))
                 continue
         m_new = mx if (mx > mrow[r] or isnan(mx)) else mrow[r]
-        alpha = exp(mrow[r] - m_new) if mrow[r] != ninf else 0
-        memset(row, 0, a * sizeof(floating))
-        memset(row + e, 0, (n - e) * sizeof(floating))
+        if a > 0:
+            memset(row, 0, a * sizeof(floating))
+        if e < n:
+            memset(row + e, 0, (n - e) * sizeof(floating))
         total = row_expsum(row + a, e - a, m_new)
-        lrow[r] = lrow[r] * alpha + total
-        if alpha != 1:
-            for c in range(Dv):
-                acc[r * Dv + c] *= alpha
+        if mrow[r] == ninf:     # the row's first visible keys: acc and l are still 0
+            lrow[r] = total
+        else:
+            alpha = exp(mrow[r] - m_new)
+            lrow[r] = lrow[r] * alpha + total
+            if alpha != 1:
+                for c in range(Dv):
+                    acc[r * Dv + c] *= alpha
         mrow[r] = m_new
     return partial
 
