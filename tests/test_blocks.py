@@ -573,43 +573,37 @@ def test_linear_matches_float64_reference(activation, dtype, n, m, k):
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8])
-def test_streaming_projection_kernels_match_blas_and_float64(n):
-    """The few-rows streaming kernels (one w row at a time, and two at a time with prefetch)
-    against the BLAS path and a float64 reference, odd sizes and k tails included; each
+def test_streaming_projection_kernel_matches_blas_and_float64(n):
+    """The few-rows streaming kernel (w rows taken in pairs, one from each half of w: odd
+    and even m, m = 1, odd k tails) against the BLAS path and a float64 reference; each
     output element is one thread's work, so 1 and 2 threads agree bit for bit."""
     if _fused.SIMD != "avx2+fma":
-        pytest.skip("the streaming kernels need AVX2+FMA")
+        pytest.skip("the streaming kernel needs AVX2+FMA")
     r = rng(100 + n)
-    old = _fused._stream_row_max_k()
-    try:
-        for m, k in [(1, 1), (3, 7), (17, 9), (33, 16), (70, 23), (300, 33), (513, 515),
-                     (40, 1031), (600, 2048)]:
-            x = r.standard_normal((n, k + 5)).astype(np.float32)[:, 2:k + 2]   # strided rows
-            w = r.standard_normal((m, k)).astype(np.float32)
-            b = r.standard_normal(m).astype(np.float32)
-            acc0 = r.standard_normal((n, m)).astype(np.float32)
-            ref = x.astype(np.float64) @ w.T.astype(np.float64)
-            tol = 1e-5 * np.sqrt(k)
-            _fused.simd_init(False)                            # plain path: BLAS sgemm
-            try:
-                blas = _fused.linear(x, w, b, np.empty((n, m), np.float32), None, False, 1)
-            finally:
-                _fused.simd_init(True)
-            assert max_err(blas, ref + b) <= tol
-            for row_max_k in (0, 4096):                        # pair kernel, row kernel
-                _fused._stream_row_max_k(row_max_k)
-                outs = []
-                for nt in (1, 2):
-                    out = _fused.linear(x, w, b, np.empty((n, m), np.float32), None, False, nt)
-                    assert max_err(out, ref + b) <= tol, (m, k, row_max_k)
-                    assert max_err(out, blas) <= tol
-                    acc = _fused.linear(x, w, None, acc0.copy(), None, True, nt)
-                    assert max_err(acc, ref + acc0) <= tol, (m, k, row_max_k)
-                    outs.append((out, acc))
-                assert np.array_equal(outs[0][0], outs[1][0])
-                assert np.array_equal(outs[0][1], outs[1][1])
-    finally:
-        _fused._stream_row_max_k(old)
+    for m, k in [(1, 1), (2, 5), (3, 7), (17, 9), (33, 16), (70, 23), (300, 33), (513, 515),
+                 (40, 1031), (600, 2048)]:
+        x = r.standard_normal((n, k + 5)).astype(np.float32)[:, 2:k + 2]   # strided rows
+        w = r.standard_normal((m, k)).astype(np.float32)
+        b = r.standard_normal(m).astype(np.float32)
+        acc0 = r.standard_normal((n, m)).astype(np.float32)
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+        tol = 1e-5 * np.sqrt(k)
+        _fused.simd_init(False)                                # plain path: BLAS sgemm
+        try:
+            blas = _fused.linear(x, w, b, np.empty((n, m), np.float32), None, False, 1)
+        finally:
+            _fused.simd_init(True)
+        assert max_err(blas, ref + b) <= tol
+        outs = []
+        for nt in (1, 2):
+            out = _fused.linear(x, w, b, np.empty((n, m), np.float32), None, False, nt)
+            assert max_err(out, ref + b) <= tol, (m, k)
+            assert max_err(out, blas) <= tol
+            acc = _fused.linear(x, w, None, acc0.copy(), None, True, nt)
+            assert max_err(acc, ref + acc0) <= tol, (m, k)
+            outs.append((out, acc))
+        assert np.array_equal(outs[0][0], outs[1][0])
+        assert np.array_equal(outs[0][1], outs[1][1])
 
 
 def test_linear_strided_rows_and_public_wrapper():

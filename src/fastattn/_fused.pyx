@@ -240,22 +240,21 @@ cdef extern from *:
     FF_ADD_LN(ff_add_ln_f32, float)
     FF_ADD_LN(ff_add_ln_f64, double)
 
-    /* Few rows (decoding): out (n x m) [+]= x (n x k) · wᵀ streams w once, row by row, with
-     * the n rows of x staying in L1; OpenBLAS would pack w first (three passes over it).
-     * Memory-bound on w, so one pass is what matters.
+    /* Few rows (decoding): out (n x m) [+]= x (n x k) · wᵀ streams w once, with the n rows
+     * of x staying in cache; OpenBLAS would pack w first (three passes over it).  Memory-bound
+     * on w, so one pass is what matters.
      *
-     * Up to FF_ROW_MAX_K, one w row at a time (ff_smalln_row): w is read as one sequential
-     * stream, and a software prefetch FF_PF_AHEAD floats ahead of it (past the row's end:
-     * the next rows, which follow in memory) keeps the misses in flight across 4 KiB pages,
-     * where the hardware prefetcher stops.  Measured on the 2-core Zen 3 (C harness, 88 MB
-     * of w, 4 x rows, k = 512): 1.6x the bandwidth of the two-rows-at-a-time kernel without
-     * prefetch (14.6 against 9.3 GB/s, quiet machine; plain read loop 18.6).  For longer
-     * rows x no longer fits in L1 beside the stream, and two w rows at a time (half the x
-     * loads per w byte, ff_smalln_pair) with a prefetch of the next pair does better. */
+     * Two w rows at a time (ff_smalln_pair: each x vector loaded once for both), one from each
+     * half of w, so that w is read as two sequential streams far apart: the hardware
+     * prefetchers then keep more of it in flight than one stream gets.  A software prefetch of
+     * each half's next row keeps the misses going across 4 KiB pages, where the hardware
+     * prefetcher stops.  Measured at 1 thread on the 2-core Zen 3, 88 MB of w, GB/s, medians
+     * of 9 interleaved calls in one process (n x k: two halves / adjacent pairs / one row at
+     * a time, the previous kernel for k <= 1024): 4 x 512: 18.6 / 12.4 / 16.3; 1 x 512:
+     * 21.7 / 14.3 / 17.1; 2 x 512: 23.4 / 13.5 / 17.9; 4 x 1024: 19.9 / 17.7 / 15.4;
+     * 4 x 2048: 20.5 / 19.2 / 19.3.  (NumPy's max over one 512 MB stream: about 17.) */
     #define FF_SMALL_N 8
-    #define FF_PF_AHEAD 256
     #if FF_X86
-    static ptrdiff_t ff_row_max_k = 1024;
 
     /* [sum(a), sum(b), sum(c), sum(d)] */
     FA_AVX2 static inline __m128 ff_hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
@@ -263,59 +262,8 @@ cdef extern from *:
         return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
     }
 
-    /* rows [0, n) of x against w row w0: o[i * ldo] (+)= x_i · w0 */
-    FA_AVX2 static void ff_smalln_row(ptrdiff_t n, ptrdiff_t k, const float *x, ptrdiff_t ldx,
-                                      const float *w0, float *o, ptrdiff_t ldo, int accumulate) {
-        const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        ptrdiff_t tail = k % 8, body16 = k - k % 16, body8 = k - tail;
-        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), idx);
-        for (ptrdiff_t i0 = 0; i0 < n; i0 += 4) {
-            ptrdiff_t ni = n - i0 < 4 ? n - i0 : 4;
-            const float *x0 = x + i0 * ldx;
-            const float *x1 = x0 + (ni > 1 ? ldx : 0);
-            const float *x2 = x0 + (ni > 2 ? 2 * ldx : 0);
-            const float *x3 = x0 + (ni > 3 ? 3 * ldx : 0);
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            ptrdiff_t p = 0;
-            for (; p < body16; p += 16) {
-                __m256 u = _mm256_loadu_ps(w0 + p), v = _mm256_loadu_ps(w0 + p + 8);
-                if (i0 == 0) _mm_prefetch((const char *)(w0 + p + FF_PF_AHEAD), _MM_HINT_T0);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + p), u, a0);
-                b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + p + 8), v, b0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + p), u, a1);
-                b1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + p + 8), v, b1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + p), u, a2);
-                b2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + p + 8), v, b2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + p), u, a3);
-                b3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + p + 8), v, b3);
-            }
-            if (p < body8) {
-                __m256 u = _mm256_loadu_ps(w0 + p);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + p), u, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + p), u, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + p), u, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + p), u, a3);
-                p += 8;
-            }
-            if (tail) {
-                __m256 v = _mm256_maskload_ps(w0 + p, mask);
-                b0 = _mm256_fmadd_ps(_mm256_maskload_ps(x0 + p, mask), v, b0);
-                b1 = _mm256_fmadd_ps(_mm256_maskload_ps(x1 + p, mask), v, b1);
-                b2 = _mm256_fmadd_ps(_mm256_maskload_ps(x2 + p, mask), v, b2);
-                b3 = _mm256_fmadd_ps(_mm256_maskload_ps(x3 + p, mask), v, b3);
-            }
-            float r[4];
-            _mm_storeu_ps(r, ff_hsum4x8(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1),
-                                        _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)));
-            for (ptrdiff_t i = 0; i < ni; i++) {
-                float *q = o + (i0 + i) * ldo;
-                *q = accumulate ? *q + r[i] : r[i];
-            }
-        }
-    }
-
-    /* rows [0, n) of x, w rows j and j + 1 (w1 may equal w0 for an odd tail) */
+    /* rows [0, n) of x against w rows w0 and w1 (w1 may equal w0: an odd row out), while
+     * fetching the rows pf floats past each of them (the rows the next call takes) */
     FA_AVX2 static void ff_smalln_pair(ptrdiff_t n, ptrdiff_t k, const float *x, ptrdiff_t ldx,
                                        const float *w0, const float *w1, float *o0, float *o1,
                                        ptrdiff_t ldo, int accumulate, ptrdiff_t pf) {
@@ -333,7 +281,7 @@ cdef extern from *:
             ptrdiff_t p = 0;
             for (; p < body; p += 8) {
                 __m256 u = _mm256_loadu_ps(w0 + p), v = _mm256_loadu_ps(w1 + p), t;
-                if (i0 == 0 && !(p & 15)) {       /* the next pair, once per 64 bytes */
+                if (i0 == 0 && !(p & 15)) {       /* once per 64 bytes */
                     _mm_prefetch((const char *)(w0 + p + pf), _MM_HINT_T0);
                     _mm_prefetch((const char *)(w1 + p + pf), _MM_HINT_T0);
                 }
@@ -367,34 +315,17 @@ cdef extern from *:
                                   ptrdiff_t ldo, int accumulate) {
     #if FF_X86
         if (!ff_avx2) return 0;
-        ptrdiff_t j = 0;
-        if (k <= ff_row_max_k) {
-            for (; j < m; j++)
-                ff_smalln_row(n, k, x, ldx, w + j * ldw, out + j, ldo, accumulate);
-            return 1;
-        }
-        for (; j + 1 < m; j += 2)
-            ff_smalln_pair(n, k, x, ldx, w + j * ldw, w + (j + 1) * ldw, out + j, out + j + 1,
-                           ldo, accumulate, 2 * ldw);
-        if (j < m)
-            ff_smalln_pair(n, k, x, ldx, w + j * ldw, w + j * ldw, out + j, out + j, ldo,
-                           accumulate, ldw);
+        ptrdiff_t h = m / 2;                /* row j pairs with row j + h */
+        for (ptrdiff_t j = 0; j < h; j++)
+            ff_smalln_pair(n, k, x, ldx, w + j * ldw, w + (j + h) * ldw, out + j, out + j + h,
+                           ldo, accumulate, ldw);
+        if (m % 2)
+            ff_smalln_pair(n, k, x, ldx, w + (m - 1) * ldw, w + (m - 1) * ldw, out + m - 1,
+                           out + m - 1, ldo, accumulate, ldw);
         return 1;
     #else
         (void)n; (void)m; (void)k; (void)x; (void)ldx; (void)w; (void)ldw; (void)out;
         (void)ldo; (void)accumulate;
-        return 0;
-    #endif
-    }
-
-    /* k up to which the one-row kernel is used (larger: the pair kernel); returns the old one */
-    static ptrdiff_t ff_set_row_max_k(ptrdiff_t k) {
-    #if FF_X86
-        ptrdiff_t old = ff_row_max_k;
-        if (k >= 0) ff_row_max_k = k;
-        return old;
-    #else
-        (void)k;
         return 0;
     #endif
     }
@@ -412,7 +343,6 @@ cdef extern from *:
     int ff_gemm_smalln_f32(Py_ssize_t n, Py_ssize_t m, Py_ssize_t k, const float *x,
                            Py_ssize_t ldx, const float *w, Py_ssize_t ldw, float *out,
                            Py_ssize_t ldo, int accumulate) noexcept nogil
-    Py_ssize_t ff_set_row_max_k(Py_ssize_t k) noexcept nogil
 
 cdef enum BlasTrans:
     NoTrans = 110  # 'n'
@@ -729,12 +659,6 @@ def bias_act(cnp.ndarray y, cnp.ndarray bias, activation):
         else:
             ff_bias_act_f64(<double *>yp, rows, cols, ld, <const double *>bp, act)
     return y
-
-
-def _stream_row_max_k(Py_ssize_t k=-1):
-    """Row length up to which the streaming kernel takes w one row at a time (longer rows:
-    two at a time); k < 0 only reads it.  Returns the previous value (for tests)."""
-    return ff_set_row_max_k(k)
 
 
 def simd_init(bint use_simd=True):
