@@ -367,6 +367,22 @@ def _rows(dtype, rng):
     return xs
 
 
+def test_read_probe_is_the_max(rng):
+    """The benchmark's memory-read probe (two halves read block by block in turn) returns
+    the array's max for every length and block size, both halves and the odd element
+    included; -inf for an empty array; a block below 1 is a ValueError."""
+    for n in list(range(0, 20)) + [1023, 1024, 1025, 4097]:
+        x = rng.uniform(-5, 5, n).astype(np.float32)
+        for block in (1, 3, 8, 512, 10**6):
+            for where in ({0, n // 2, n - 1} if n else set()):
+                y = x.copy()
+                y[where] = 6.0
+                assert _kernel.read_probe(y, block) == 6.0, (n, block, where)
+            assert _kernel.read_probe(x, block) == (x.max() if n else -np.inf)
+    with pytest.raises(ValueError, match="block"):
+        _kernel.read_probe(np.ones(4, np.float32), 0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_row_passes_simd_equal_scalar(dtype, scalar_and_simd, rng):
     """softmax internals: SIMD and plain-C row max / exp-sum agree (exp within a few ulps of

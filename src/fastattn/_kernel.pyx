@@ -855,6 +855,27 @@ def py_row_max(floating[::1] x):
     return row_max(&x[0], x.shape[0])
 
 
+def read_probe(const float[::1] a, Py_ssize_t block=512):
+    """The largest element of a (-inf if a is empty), read as two sequential streams, its
+    two halves `block` floats at a time in turn, by the kernels' vectorised max with the GIL
+    released: the benchmark's memory-read probe (a stream a core reads this way reaches more
+    of the bandwidth than NumPy's max-reduction does)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    cdef Py_ssize_t n = a.shape[0], half = n // 2, i = 0, m
+    cdef float r = -INFINITY
+    if n == 0:
+        return r
+    with nogil:
+        while i < half:
+            m = min(block, half - i)
+            r = max(r, fa_max_f32(&a[i], m), fa_max_f32(&a[half + i], m))
+            i += m
+        if n % 2:
+            r = max(r, a[n - 1])
+    return r
+
+
 def py_gemm_packed(floating[:, ::1] a, floating[:, ::1] x, bint x_is_keys, floating[:, ::1] c,
                    bint accumulate):
     """The micro-kernel's product (AVX2 only): c := a · B or c += a · B, with B = xᵀ packed

@@ -119,9 +119,14 @@ FA_STREAM_SCALAR(double, f64)
 
 #ifdef FA_HAVE_X86
 FA_AVX2 static float fa_max_f32_avx2(const float *x, ptrdiff_t n) {
-    __m256 m = _mm256_set1_ps(-INFINITY);
+    __m256 m = _mm256_set1_ps(-INFINITY), m1 = m;     /* two chains: 64 bytes a step */
     ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+    }
     for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    m = _mm256_max_ps(m, m1);
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
