@@ -205,20 +205,26 @@ static inline void fa_prefetch_bytes(const char *row, ptrdiff_t bytes) {
  *   rows4: S[r, j] = Q[r, :] · k for four rows: each vector of k is loaded once for the four
  *     rows (five loads per four FMAs, against two per FMA row by row), two accumulators a
  *     row, and the four sums reduced together.
- *   row1x8: s[t] = q · K[t, :] for eight consecutive keys t: the keys one after another (K
- *     stays one sequential stream), each into its own vector of partial sums, then the eight
- *     vectors reduced together into one vector of scores (no horizontal sum per key).
+ *   row1x8: s[t] = q · K[t, :] for eight keys t, consecutive or (half > 0) four from each of
+ *     two places half keys apart, in turn (FA_KEY8): the keys one after another, each into
+ *     its own vector of partial sums, then the eight vectors reduced together into one
+ *     vector of scores (no horizontal sum per key).
  *   row1: one row, one key: four accumulators, 32 features a step.
- *   The driver reads K as one sequential stream (no software prefetch of K: prefetching it
- *   4-32 rows ahead measured no better than noise on whole calls), in blocks of eight keys:
- *   the rows four at a time key by key, the other rows eight keys at a time; the last n % 8
- *   keys one by one.  With each key of the first pass it fetches the same row of V (pf), so
+ *   The driver reads K in blocks of eight keys (no software prefetch of K: prefetching it
+ *   4-32 rows ahead measured no better than noise on whole calls): the rows four at a time
+ *   key by key, the other rows eight keys at a time; the last n % 8 keys one by one.  One
+ *   row alone reads its first n - n % 8 keys as two sequential streams, the two halves key
+ *   by key in turn, which the hardware prefetchers keep further ahead than one stream (C
+ *   harness, 1 thread, 512 MB of K, D = 128, chunks of 2048 keys: 18.6-19.8 -> 20.5-24
+ *   GB/s; each key's sum is computed as before, bit for bit).  With each key of the first pass it fetches the same row of V (pf), so
  *   that the P·V pass after the softmax reads V from cache: the two streams then run while
  *   this pass computes, instead of the P·V pass waiting on memory alone.  C harness (-O3, 1
  *   thread, 128 MB each of K and V, D = 128, chunks of 256 keys): four rows 11.4 -> 16.5
  *   GB/s together with the register-blocked P·V below (which alone, V not fetched ahead, was
  *   slower: 10.3 GB/s).  Fetching V's rows for a block of eight keys at once, instead of key
  *   by key, made two and three rows slower than before (the P·V pass fetching V itself). */
+/* row1x8's t-th key (t < 8): t itself, or with half > 0, keys t / 2 and half + t / 2 in turn */
+#define FA_KEY8(t, half) ((half) ? ((t) >> 1) + ((t) & 1) * (half) : (t))
 #define FA_QK_F32(ATTR, SUF, KT, LOADK, KVAL)                                              \
 ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff_t D,       \
                                             float *s, ptrdiff_t lds) {                     \
@@ -250,11 +256,12 @@ ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff
                                                                                            \
 ATTR static inline void fa_qk_##SUF##_row1x8(const KT *K, ptrdiff_t ldk, const float *q,    \
                                              ptrdiff_t D, float *s, const char *pf,        \
-                                             ptrdiff_t pf_ld, ptrdiff_t pf_row) {          \
+                                             ptrdiff_t pf_ld, ptrdiff_t pf_row,            \
+                                             ptrdiff_t half) {                             \
     ptrdiff_t D16 = D & ~(ptrdiff_t)15, D8 = D & ~(ptrdiff_t)7;                            \
     __m256 a[8];                                                                           \
     for (int t = 0; t < 8; t++) {                                                          \
-        const KT *k = K + t * ldk;                                                         \
+        const KT *k = K + FA_KEY8(t, half) * ldk;                                          \
         if (pf) fa_prefetch_bytes(pf + t * pf_ld, pf_row);                                 \
         __m256 x = _mm256_setzero_ps(), y = x;                                             \
         ptrdiff_t c = 0;                                                                   \
@@ -268,10 +275,18 @@ ATTR static inline void fa_qk_##SUF##_row1x8(const KT *K, ptrdiff_t ldk, const f
     /* g0: keys 0-3 (each 128-bit half holds half of every key's sum), g1: keys 4-7 */     \
     __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));    \
     __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));    \
-    _mm256_storeu_ps(s, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20),                \
-                                      _mm256_permute2f128_ps(g0, g1, 0x31)));              \
+    __m256 g = _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20),                         \
+                             _mm256_permute2f128_ps(g0, g1, 0x31));                        \
+    if (!half) {                                                                           \
+        _mm256_storeu_ps(s, g);                                                            \
+    } else {                                                                               \
+        float tmp[8];                                                                      \
+        _mm256_storeu_ps(tmp, g);                                                          \
+        for (int t = 0; t < 8; t++) s[FA_KEY8(t, half)] = tmp[t];                          \
+    }                                                                                      \
     for (ptrdiff_t c = D8; c < D; c++)      /* the last D % 8 features */                  \
-        for (int t = 0; t < 8; t++) s[t] += q[c] * KVAL(K[t * ldk + c]);                   \
+        for (int t = 0; t < 8; t++)                                                        \
+            s[FA_KEY8(t, half)] += q[c] * KVAL(K[FA_KEY8(t, half) * ldk + c]);             \
 }                                                                                          \
                                                                                            \
 ATTR static inline float fa_qk_##SUF##_row1(const KT *k, const float *q, ptrdiff_t D) {     \
@@ -293,6 +308,12 @@ ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, con
                                     ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds,     \
                                     const char *pf, ptrdiff_t pf_ld, ptrdiff_t pf_row) {   \
     ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;                                               \
+    if (R == 1 && !pf) {                  /* two streams: the two halves of [0, n8) */     \
+        ptrdiff_t half = n / 8 * 4;                                                        \
+        for (; j < half; j += 4)                                                           \
+            fa_qk_##SUF##_row1x8(K + j * ldk, ldk, Q, D, S + j, NULL, 0, 0, half);          \
+        j = 2 * half;                                                                      \
+    }                                                                                      \
     for (; j + 8 <= n; j += 8) {                                                           \
         const KT *k = K + j * ldk;                                                         \
         const char *pfj = pf ? pf + j * pf_ld : NULL;                                     \
@@ -303,7 +324,7 @@ ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, con
         }                                                                                  \
         for (ptrdiff_t r = R4; r < R; r++)    /* no four-row pass: the first row fetches V */ \
             fa_qk_##SUF##_row1x8(k, ldk, Q + r * D, D, S + r * lds + j,                    \
-                                 !R4 && r == 0 ? pfj : NULL, pf_ld, pf_row);               \
+                                 !R4 && r == 0 ? pfj : NULL, pf_ld, pf_row, 0);            \
     }                                                                                      \
     for (; j < n; j++) {                                                                   \
         const KT *k = K + j * ldk;                                                         \
@@ -409,10 +430,11 @@ FA_AVX2 static void fa_qk_f64_avx2(const double *K, ptrdiff_t ldk, ptrdiff_t n,
  * VVAL one; PS: the intrinsics' suffix (ps, pd). */
 #define FA_PV_BLOCK(ATTR, T, VS, SUF, PS, VT, L, LOADV, W)                                 \
 ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS *V,        \
-                                               ptrdiff_t ldv, T *o) {                      \
+                                               ptrdiff_t ldv, T *o, ptrdiff_t half) {      \
     VT a[W];                                                                               \
     for (int t = 0; t < W; t++) a[t] = _mm256_loadu_##PS(o + L * t);                       \
-    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                    \
+        ptrdiff_t j = i < 2 * half ? FA_KEY8(i, half) : i;                                 \
         if (p[j] == 0) continue;                                                           \
         VT pv = _mm256_set1_##PS(p[j]);                                                    \
         const VS *v = V + j * ldv;                                                         \
@@ -461,7 +483,8 @@ ATTR static inline void fa_pv_##SUF##_rows##N(const T *p, ptrdiff_t lds, ptrdiff
  *     block is 0: a hidden key's V row may hold inf or NaN, and 0 · inf is NaN.
  *   row: one row from column c0 on, 16 vectors of columns at a time in registers, then 8,
  *     4, 2, 1, then the last Dv % L columns in plain C; P == 0 terms skipped.  One row with
- *     Dv = 128 is one pass (one block of 16), V read as one sequential stream.
+ *     Dv = 128 is one pass (one block of 16), V read as two sequential streams: the halves
+ *     of the keys, key by key in turn (half > 0), as the one-row Q·Kᵀ reads K.
  * With more than one pass over V (several rows, or more than one block of columns), the
  * keys go in blocks of FA_PV_L1_BYTES of V, every pass over a block before the next block. */
 #define FA_PV(ATTR, T, VS, SUF, PS, VT, L, LOADV, VVAL)                                    \
@@ -474,13 +497,14 @@ FA_PV_ROWS(ATTR, T, VS, SUF, PS, VT, L, LOADV, 4)                               
 FA_PV_ROWS(ATTR, T, VS, SUF, PS, VT, L, LOADV, 3)                                         \
 FA_PV_ROWS(ATTR, T, VS, SUF, PS, VT, L, LOADV, 2)                                         \
 ATTR static inline void fa_pv_##SUF##_row(const T *p, ptrdiff_t n, const VS *V,             \
-                                          ptrdiff_t ldv, ptrdiff_t Dv, T *o, ptrdiff_t c0) { \
+                                          ptrdiff_t ldv, ptrdiff_t Dv, T *o, ptrdiff_t c0, \
+                                          ptrdiff_t half) {                                \
     for (; c0 + 16 * L <= Dv; c0 += 16 * L)                                                \
-        fa_pv_##SUF##_block16(p, n, V + c0, ldv, o + c0);                                  \
-    if (c0 + 8 * L <= Dv) { fa_pv_##SUF##_block8(p, n, V + c0, ldv, o + c0); c0 += 8 * L; } \
-    if (c0 + 4 * L <= Dv) { fa_pv_##SUF##_block4(p, n, V + c0, ldv, o + c0); c0 += 4 * L; } \
-    if (c0 + 2 * L <= Dv) { fa_pv_##SUF##_block2(p, n, V + c0, ldv, o + c0); c0 += 2 * L; } \
-    if (c0 + L <= Dv) { fa_pv_##SUF##_block1(p, n, V + c0, ldv, o + c0); c0 += L; }        \
+        fa_pv_##SUF##_block16(p, n, V + c0, ldv, o + c0, half);                            \
+    if (c0 + 8 * L <= Dv) { fa_pv_##SUF##_block8(p, n, V + c0, ldv, o + c0, half); c0 += 8 * L; } \
+    if (c0 + 4 * L <= Dv) { fa_pv_##SUF##_block4(p, n, V + c0, ldv, o + c0, half); c0 += 4 * L; } \
+    if (c0 + 2 * L <= Dv) { fa_pv_##SUF##_block2(p, n, V + c0, ldv, o + c0, half); c0 += 2 * L; } \
+    if (c0 + L <= Dv) { fa_pv_##SUF##_block1(p, n, V + c0, ldv, o + c0, half); c0 += L; }  \
     for (ptrdiff_t c = c0; c < Dv; c++) {   /* columns past the last full vector */        \
         T s = o[c];                                                                        \
         for (ptrdiff_t j = 0; j < n; j++)                                                  \
@@ -509,7 +533,7 @@ ATTR static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrd
             for (ptrdiff_t i = 0; dense && i < g; i++)                                     \
                 for (ptrdiff_t j = 0; j < m; j++) dense &= p[i * lds + j] != 0;            \
             if (!dense) {                                                                  \
-                fa_pv_##SUF##_row(p, m, Vb, ldv, Dv, o, 0);                                \
+                fa_pv_##SUF##_row(p, m, Vb, ldv, Dv, o, 0, R == 1 && passes == 1 ? m / 2 : 0); \
                 r++;                                                                       \
                 continue;                                                                  \
             }                                                                              \
@@ -520,7 +544,7 @@ ATTR static void fa_pv_##SUF##_avx2(const T *P, ptrdiff_t lds, ptrdiff_t R, ptrd
                 else fa_pv_##SUF##_rows2(p, lds, m, Vb + c0, ldv, o + c0, Dv);             \
             }                                                                              \
             for (ptrdiff_t i = 0; i < g && c0 < Dv; i++)  /* the last Dv % 2L columns */   \
-                fa_pv_##SUF##_row(p + i * lds, m, Vb, ldv, Dv, o + i * Dv, c0);            \
+                fa_pv_##SUF##_row(p + i * lds, m, Vb, ldv, Dv, o + i * Dv, c0, 0);         \
             r += g;                                                                        \
         }                                                                                  \
     }                                                                                      \
