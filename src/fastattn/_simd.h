@@ -206,25 +206,28 @@ static inline void fa_prefetch_bytes(const char *row, ptrdiff_t bytes) {
  *     rows (five loads per four FMAs, against two per FMA row by row), two accumulators a
  *     row, and the four sums reduced together.
  *   row1x8: s[t] = q · K[t, :] for eight keys t, consecutive or (half > 0) four from each of
- *     two places half keys apart, in turn (FA_KEY8): the keys one after another, each into
+ *     two places half keys apart, in turn (FA_HALVES): the keys one after another, each into
  *     its own vector of partial sums, then the eight vectors reduced together into one
  *     vector of scores (no horizontal sum per key).
  *   row1: one row, one key: four accumulators, 32 features a step.
  *   The driver reads K in blocks of eight keys (no software prefetch of K: prefetching it
  *   4-32 rows ahead measured no better than noise on whole calls): the rows four at a time
  *   key by key, the other rows eight keys at a time; the last n % 8 keys one by one.  One
- *   row alone reads its first n - n % 8 keys as two sequential streams, the two halves key
- *   by key in turn, which the hardware prefetchers keep further ahead than one stream (C
- *   harness, 1 thread, 512 MB of K, D = 128, chunks of 2048 keys: 18.6-19.8 -> 20.5-24
- *   GB/s; each key's sum is computed as before, bit for bit).  With each key of the first pass it fetches the same row of V (pf), so
- *   that the P·V pass after the softmax reads V from cache: the two streams then run while
- *   this pass computes, instead of the P·V pass waiting on memory alone.  C harness (-O3, 1
- *   thread, 128 MB each of K and V, D = 128, chunks of 256 keys): four rows 11.4 -> 16.5
- *   GB/s together with the register-blocked P·V below (which alone, V not fetched ahead, was
- *   slower: 10.3 GB/s).  Fetching V's rows for a block of eight keys at once, instead of key
- *   by key, made two and three rows slower than before (the P·V pass fetching V itself). */
-/* row1x8's t-th key (t < 8): t itself, or with half > 0, keys t / 2 and half + t / 2 in turn */
-#define FA_KEY8(t, half) ((half) ? ((t) >> 1) + ((t) & 1) * (half) : (t))
+ *   row alone (its first n - n % 8 keys), and rows that all go four at a time, read K as
+ *   two sequential streams, the two halves key by key in turn, which the hardware
+ *   prefetchers keep further ahead than one stream (C harness, 1 thread, 512 MB of K, D =
+ *   128, chunks of 2048 keys: 18.6-19.8 -> 20.5-24 GB/s; each key's sums are computed as
+ *   before, bit for bit).  With each key of the first pass it fetches the same row of V
+ *   (pf), so that the P·V pass after the softmax reads V from cache: the two streams then
+ *   run while this pass computes, instead of the P·V pass waiting on memory alone.  C
+ *   harness (-O3, 1 thread, 128 MB each of K and V, D = 128, chunks of 256 keys): four
+ *   rows 11.4 -> 16.5 GB/s together with the register-blocked P·V below (which alone, V not
+ *   fetched ahead, was slower: 10.3 GB/s).  Fetching V's rows for a block of eight keys at
+ *   once, instead of key by key, made two and three rows slower than before (the P·V pass
+ *   fetching V itself). */
+/* The i-th key visited (i < 2 half) when keys [0, 2 half) are read as two streams, their two
+ * halves key by key in turn; i itself when half is 0 (one stream). */
+#define FA_HALVES(i, half) ((half) ? ((i) >> 1) + ((i) & 1) * (half) : (i))
 #define FA_QK_F32(ATTR, SUF, KT, LOADK, KVAL)                                              \
 ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff_t D,       \
                                             float *s, ptrdiff_t lds) {                     \
@@ -261,7 +264,7 @@ ATTR static inline void fa_qk_##SUF##_row1x8(const KT *K, ptrdiff_t ldk, const f
     ptrdiff_t D16 = D & ~(ptrdiff_t)15, D8 = D & ~(ptrdiff_t)7;                            \
     __m256 a[8];                                                                           \
     for (int t = 0; t < 8; t++) {                                                          \
-        const KT *k = K + FA_KEY8(t, half) * ldk;                                          \
+        const KT *k = K + FA_HALVES(t, half) * ldk;                                        \
         if (pf) fa_prefetch_bytes(pf + t * pf_ld, pf_row);                                 \
         __m256 x = _mm256_setzero_ps(), y = x;                                             \
         ptrdiff_t c = 0;                                                                   \
@@ -282,11 +285,11 @@ ATTR static inline void fa_qk_##SUF##_row1x8(const KT *K, ptrdiff_t ldk, const f
     } else {                                                                               \
         float tmp[8];                                                                      \
         _mm256_storeu_ps(tmp, g);                                                          \
-        for (int t = 0; t < 8; t++) s[FA_KEY8(t, half)] = tmp[t];                          \
+        for (int t = 0; t < 8; t++) s[FA_HALVES(t, half)] = tmp[t];                        \
     }                                                                                      \
     for (ptrdiff_t c = D8; c < D; c++)      /* the last D % 8 features */                  \
         for (int t = 0; t < 8; t++)                                                        \
-            s[FA_KEY8(t, half)] += q[c] * KVAL(K[FA_KEY8(t, half) * ldk + c]);             \
+            s[FA_HALVES(t, half)] += q[c] * KVAL(K[FA_HALVES(t, half) * ldk + c]);         \
 }                                                                                          \
                                                                                            \
 ATTR static inline float fa_qk_##SUF##_row1(const KT *k, const float *q, ptrdiff_t D) {     \
@@ -308,10 +311,20 @@ ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, con
                                     ptrdiff_t D, ptrdiff_t R, float *S, ptrdiff_t lds,     \
                                     const char *pf, ptrdiff_t pf_ld, ptrdiff_t pf_row) {   \
     ptrdiff_t R4 = R & ~(ptrdiff_t)3, j = 0;                                               \
-    if (R == 1 && !pf) {                  /* two streams: the two halves of [0, n8) */     \
+    if (R == 1 && !pf) {                  /* two streams: halves of the first n8 keys */   \
         ptrdiff_t half = n / 8 * 4;                                                        \
         for (; j < half; j += 4)                                                           \
-            fa_qk_##SUF##_row1x8(K + j * ldk, ldk, Q, D, S + j, NULL, 0, 0, half);          \
+            fa_qk_##SUF##_row1x8(K + j * ldk, ldk, Q, D, S + j, NULL, 0, 0, half);         \
+        j = 2 * half;                                                                      \
+    }                                                                                      \
+    if (R == R4) {                        /* all rows four at a time: two streams too */   \
+        ptrdiff_t half = n / 2;                                                            \
+        for (ptrdiff_t i = 0; i < 2 * half; i++) {                                         \
+            ptrdiff_t t = FA_HALVES(i, half);                                              \
+            if (pf) fa_prefetch_bytes(pf + t * pf_ld, pf_row);                             \
+            for (ptrdiff_t r = 0; r < R4; r += 4)                                          \
+                fa_qk_##SUF##_rows4(K + t * ldk, Q + r * D, D, S + r * lds + t, lds);      \
+        }                                                                                  \
         j = 2 * half;                                                                      \
     }                                                                                      \
     for (; j + 8 <= n; j += 8) {                                                           \
@@ -434,7 +447,7 @@ ATTR static inline void fa_pv_##SUF##_block##W(const T *p, ptrdiff_t n, const VS
     VT a[W];                                                                               \
     for (int t = 0; t < W; t++) a[t] = _mm256_loadu_##PS(o + L * t);                       \
     for (ptrdiff_t i = 0; i < n; i++) {                                                    \
-        ptrdiff_t j = i < 2 * half ? FA_KEY8(i, half) : i;                                 \
+        ptrdiff_t j = i < 2 * half ? FA_HALVES(i, half) : i;                               \
         if (p[j] == 0) continue;                                                           \
         VT pv = _mm256_set1_##PS(p[j]);                                                    \
         const VS *v = V + j * ldv;                                                         \
