@@ -252,7 +252,7 @@ cdef extern from *:
      * of 9 interleaved calls in one process (n x k: two halves / adjacent pairs / one row at
      * a time, the previous kernel for k <= 1024): 4 x 512: 18.6 / 12.4 / 16.3; 1 x 512:
      * 21.7 / 14.3 / 17.1; 2 x 512: 23.4 / 13.5 / 17.9; 4 x 1024: 19.9 / 17.7 / 15.4;
-     * 4 x 2048: 20.5 / 19.2 / 19.3.  (NumPy's max over one 512 MB stream: about 17.) */
+     * 4 x 2048: 20.5 / 19.2 / 19.3.  (The benchmark's read ceiling at 1 thread: 23-24.) */
     #define FF_SMALL_N 8
     #if FF_X86
 

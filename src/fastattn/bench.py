@@ -17,7 +17,8 @@ What is measured:
     least ``min_sample`` seconds (so tiny calls are timed over many calls).
   * Ceilings, measured in the same run: sgemm GF/s (scipy.linalg.blas.sgemm, square float32)
     and memory read bandwidth (the faster of two reductions over an array much larger than the
-    L3 cache), each at every thread count.  Ceilings are the best sample; attention figures are medians.
+    L3 cache), each at every thread count.  Ceilings are the best sample; attention figures
+    are medians.
   * flops = 2 * (D + Dv) * visible (query, key) pairs; causal and window calls count only the
     visible pairs (with fastattn's bottom-right alignment).  Decode (Lq = 1) is reported in
     GB/s of K and V read, each KV row counted once per KV head (q and the output ignored).
