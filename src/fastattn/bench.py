@@ -1019,7 +1019,8 @@ def markdown(res, argv):
            *([f"- **WARNING: {_busy(m)}**"] if _busy(m) else []),
            "", "## Ceilings (measured at the start and at the end of the run; the best sample)",
            "",
-           "| threads | sgemm (float32, 1536^3) | memory read (max over 512 MB, the faster of two readers) |",
+           "| threads | sgemm (float32, 1536^3) "
+           "| memory read (max over 512 MB, the faster of two readers) |",
            "|---|---|---|"]
     for t in res["options"]["threads"]:
         bw = res["bandwidth"][str(t)]
