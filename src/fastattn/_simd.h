@@ -205,6 +205,8 @@ static inline void fa_prefetch_bytes(const char *row, ptrdiff_t bytes) {
  *   rows4: S[r, j] = Q[r, :] · k for four rows: each vector of k is loaded once for the four
  *     rows (five loads per four FMAs, against two per FMA row by row), two accumulators a
  *     row, and the four sums reduced together.
+ *   rows4x2: the four rows against two keys at once, one from each of the two streams
+ *     below: each vector of Q loaded once for both keys (six loads per eight FMAs).
  *   row1x8: s[t] = q · K[t, :] for eight keys t, consecutive or (half > 0) four from each of
  *     two places half keys apart, in turn (FA_HALVES): the keys one after another, each into
  *     its own vector of partial sums, then the eight vectors reduced together into one
@@ -255,6 +257,37 @@ ATTR static inline void fa_qk_##SUF##_rows4(const KT *k, const float *Q, ptrdiff
     for (; c < D; c++)                      /* the last D % 8 features */                  \
         for (int r = 0; r < 4; r++) t[r] += Q[r * D + c] * KVAL(k[c]);                     \
     for (int r = 0; r < 4; r++) s[r * lds] = t[r];                                         \
+}                                                                                          \
+                                                                                           \
+ATTR static inline void fa_qk_##SUF##_rows4x2(const KT *k0, const KT *k1, const float *Q,   \
+                                              ptrdiff_t D, float *s0, float *s1,          \
+                                              ptrdiff_t lds) {                            \
+    ptrdiff_t D8 = D & ~(ptrdiff_t)7, c = 0;                                               \
+    __m256 a[4], b[4];                                                                     \
+    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();                         \
+    for (; c < D8; c += 8) {                                                               \
+        __m256 kx = LOADK(k0 + c), ky = LOADK(k1 + c);                                     \
+        for (int r = 0; r < 4; r++) {                                                      \
+            __m256 q = _mm256_loadu_ps(Q + r * D + c);                                     \
+            a[r] = _mm256_fmadd_ps(q, kx, a[r]);                                           \
+            b[r] = _mm256_fmadd_ps(q, ky, b[r]);                                           \
+        }                                                                                  \
+    }                                                                                      \
+    /* lanes 0-3: the four rows' sums against k0, lanes 4-7: against k1 */                 \
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));     \
+    __m256 g = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));     \
+    float t[8];                                                                            \
+    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_permute2f128_ps(h, g, 0x20),                  \
+                                      _mm256_permute2f128_ps(h, g, 0x31)));                \
+    for (; c < D; c++)                      /* the last D % 8 features */                  \
+        for (int r = 0; r < 4; r++) {                                                      \
+            t[r] += Q[r * D + c] * KVAL(k0[c]);                                            \
+            t[4 + r] += Q[r * D + c] * KVAL(k1[c]);                                        \
+        }                                                                                  \
+    for (int r = 0; r < 4; r++) {                                                          \
+        s0[r * lds] = t[r];                                                                \
+        s1[r * lds] = t[4 + r];                                                            \
+    }                                                                                      \
 }                                                                                          \
                                                                                            \
 ATTR static inline void fa_qk_##SUF##_row1x8(const KT *K, ptrdiff_t ldk, const float *q,    \
@@ -317,13 +350,16 @@ ATTR static void fa_qk_##SUF##_avx2(const KT *K, ptrdiff_t ldk, ptrdiff_t n, con
             fa_qk_##SUF##_row1x8(K + j * ldk, ldk, Q, D, S + j, NULL, 0, 0, half);         \
         j = 2 * half;                                                                      \
     }                                                                                      \
-    if (R == R4) {                        /* all rows four at a time: two streams too */   \
+    if (R == R4) {                        /* rows four at a time: two streams, rows4x2 */  \
         ptrdiff_t half = n / 2;                                                            \
-        for (ptrdiff_t i = 0; i < 2 * half; i++) {                                         \
-            ptrdiff_t t = FA_HALVES(i, half);                                              \
-            if (pf) fa_prefetch_bytes(pf + t * pf_ld, pf_row);                             \
+        for (ptrdiff_t t = 0; t < half; t++) {                                             \
+            if (pf) {                                                                      \
+                fa_prefetch_bytes(pf + t * pf_ld, pf_row);                                 \
+                fa_prefetch_bytes(pf + (half + t) * pf_ld, pf_row);                        \
+            }                                                                              \
             for (ptrdiff_t r = 0; r < R4; r += 4)                                          \
-                fa_qk_##SUF##_rows4(K + t * ldk, Q + r * D, D, S + r * lds + t, lds);      \
+                fa_qk_##SUF##_rows4x2(K + t * ldk, K + (half + t) * ldk, Q + r * D, D,     \
+                                      S + r * lds + t, S + r * lds + half + t, lds);       \
         }                                                                                  \
         j = 2 * half;                                                                      \
     }                                                                                      \
