@@ -29,7 +29,8 @@ STREAM_TILE_ELEMENTS = 1 << 15  # ... and within this where several rows are str
 EDGE_K = 64                 # keys per chunk where rows see different key ranges
 SPLIT_MIN_WORK = 8          # fewer work items than this: split the KV axis (decode) ...
 SPLIT_MIN_KEYS = 1024       # ... into chunks of at least this many keys
-SERIAL_FLOPS = 1 << 20      # calls below this many flops run on the calling thread
+SERIAL_FLOPS = 1 << 20      # calls below this many flops ...
+SERIAL_KV_BYTES = 1 << 18   # ... and this many bytes of K and V run on the calling thread
 SMALL_ROWS = _kernel.SMALL_ROWS_LIMIT  # the kernel streams K/V without BLAS for so few rows
 BLAS_THREADED_FLOPS = 65536  # OpenBLAS may thread a GEMM from M·N·K = 4 x this; stay clear
 
@@ -446,11 +447,22 @@ def _attention_plain(q, k, v, causal, num_threads=None):
         return None
     o = np.empty((b, hq, lq, dv), dt)
     tiling, nwork = _tiling(b, hq, hkv, lq, lk, d, dv, False)
-    nthreads = 1 if 2 * b * hq * lq * lk * (d + dv) < SERIAL_FLOPS \
-        else parallel_threads(min(num_threads or get_num_threads(), nwork))
+    nthreads = _nthreads((b, hq, hkv, lq, lk, d, dv), dt.itemsize,
+                         num_threads or get_num_threads(), nwork)
     _launch((q, k, v, o, None, None, None, None, (b,), tiling, _UNBOUNDED,
              0 if causal else _UNBOUNDED, 1.0 / math.sqrt(d), 0.0, nthreads), tiling, d, dv)
     return o
+
+
+def _nthreads(sizes, itemsize, requested, nwork):
+    """1 (the calling thread) for a call too small to pay for a parallel region: few flops
+    and few K/V bytes to stream (a decode step over 1 MB of K/V is worth two threads); else
+    up to `requested` threads, at most one per work item."""
+    nb, hq, hkv, lq, lk, d, dv = sizes
+    if (2 * nb * hq * lq * lk * (d + dv) < SERIAL_FLOPS
+            and nb * hkv * lk * (d + dv) * itemsize < SERIAL_KV_BYTES):
+        return 1
+    return parallel_threads(min(requested, nwork))
 
 
 def _launch(args, tiling, d, dv):
@@ -470,7 +482,6 @@ def _run(c, o, weights):
     if m is not None and m.dtype == np.bool_:
         m = m.view(np.uint8)
     tiling, nwork = _tiling(nb, hq, hkv, lq, lk, d, dv, weights is not None)
-    flops = 2 * nb * hq * lq * lk * (d + dv)
-    nthreads = 1 if flops < SERIAL_FLOPS else parallel_threads(min(c.num_threads, nwork))
+    nthreads = _nthreads(c.sizes, c.key.dtype.itemsize, c.num_threads, nwork)
     _launch((c.query, _blas_ready(c.key), _blas_ready(c.value), o, m, weights, c.klen, c.qoff,
              c.batch_shape, tiling, c.left, c.right, c.scale, c.softcap, nthreads), tiling, d, dv)
