@@ -218,15 +218,15 @@ static inline void fa_prefetch_bytes(const char *row, ptrdiff_t bytes) {
  *   row alone (its first n - n % 8 keys), and rows that all go four at a time, read K as
  *   two sequential streams, the two halves key by key in turn, which the hardware
  *   prefetchers keep further ahead than one stream (C harness, 1 thread, 512 MB of K, D =
- *   128, chunks of 2048 keys: 18.6-19.8 -> 20.5-24 GB/s; each key's sums are computed as
- *   before, bit for bit).  With each key of the first pass it fetches the same row of V
- *   (pf), so that the P·V pass after the softmax reads V from cache: the two streams then
- *   run while this pass computes, instead of the P·V pass waiting on memory alone.  C
- *   harness (-O3, 1 thread, 128 MB each of K and V, D = 128, chunks of 256 keys): four
- *   rows 11.4 -> 16.5 GB/s together with the register-blocked P·V below (which alone, V not
- *   fetched ahead, was slower: 10.3 GB/s).  Fetching V's rows for a block of eight keys at
- *   once, instead of key by key, made two and three rows slower than before (the P·V pass
- *   fetching V itself). */
+ *   128, chunks of 2048 keys: 18.6-19.8 -> 20.5-24 GB/s; one row's scores are as before,
+ *   bit for bit, rows4x2 orders each sum its own way).  With each key of the first pass it
+ *   fetches the same row of V (pf), so that the P·V pass after the softmax reads V from
+ *   cache: the two streams then run while this pass computes, instead of the P·V pass
+ *   waiting on memory alone.  C harness (-O3, 1 thread, 128 MB each of K and V, D = 128,
+ *   chunks of 256 keys): four rows 11.4 -> 16.5 GB/s together with the register-blocked P·V
+ *   below (which alone, V not fetched ahead, was slower: 10.3 GB/s).  Fetching V's rows for
+ *   a block of eight keys at once, instead of key by key, made two and three rows slower
+ *   than before (the P·V pass fetching V itself). */
 /* The i-th key visited (i < 2 half) when keys [0, 2 half) are read as two streams, their two
  * halves key by key in turn; i itself when half is 0 (one stream). */
 #define FA_HALVES(i, half) ((half) ? ((i) >> 1) + ((i) & 1) * (half) : (i))
