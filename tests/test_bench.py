@@ -107,6 +107,23 @@ def test_interleaving_varies_each_callables_predecessor():
     assert all(len(p) >= 2 for p in before.values()), before
 
 
+def test_a_slow_first_call_does_not_size_the_samples():
+    """A call slow only after an idle gap (a thread or core waking) is sized by its fast
+    calls: each sample then holds many calls and pays the wake-up once, not every few calls."""
+    import time
+    last = [0.0]
+
+    def call():
+        now = time.perf_counter()
+        spin = 5e-3 if now - last[0] > 5e-3 else 1e-4     # the wake-up, else the work
+        while time.perf_counter() - now < spin:
+            pass
+        last[0] = time.perf_counter()
+
+    med, samples, _ = bench.time_interleaved({"f": call}, 3, min_sample=0.02, settle=0.01)
+    assert med["f"] < 1e-3, samples            # sized by the first call: about 1.3 ms
+
+
 def test_run_with_more_rounds_than_the_reference_gets(tmp_path):
     """Five rounds: the reference has three samples, fastattn five; the row still reports."""
     out = tmp_path / "r.json"
