@@ -572,13 +572,15 @@ def test_linear_matches_float64_reference(activation, dtype, n, m, k):
         assert max_err(acc, ref2) <= tol
 
 
-@pytest.mark.parametrize("n", [1, 3, 4, 5, 8])
-def test_streaming_projection_kernel_matches_blas_and_float64(n):
-    """The few-rows streaming kernel (w rows taken in pairs, one from each half of w: odd
-    and even m, m = 1, odd k tails) against the BLAS path and a float64 reference; each
-    output element is one thread's work, so 1 and 2 threads agree bit for bit."""
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9, 13, 64, 256])
+def test_projection_kernels_match_blas_and_float64(n):
+    """The float32 projection kernels against the BLAS path and a float64 reference: up to 8
+    rows the streaming kernel (w rows taken in pairs, one from each half of w: odd and even
+    m, m = 1, odd k tails), up to 256 the packed micro-kernel (partial row and column
+    panels, k past one 512 block).  Each output element is one thread's work, summed in the
+    same order however the rows or columns are split, so 1 and 2 threads agree bit for bit."""
     if _fused.SIMD != "avx2+fma":
-        pytest.skip("the streaming kernel needs AVX2+FMA")
+        pytest.skip("the projection kernels need AVX2+FMA")
     r = rng(100 + n)
     for m, k in [(1, 1), (2, 5), (3, 7), (17, 9), (33, 16), (70, 23), (300, 33), (513, 515),
                  (40, 1031), (600, 2048)]:

@@ -10,8 +10,9 @@
 #
 #   linear:  out (N x M) [+]= act(x (N x K) · wᵀ + b)       w is (M x K), PyTorch's layout
 #            the N rows (or, for few rows, the M columns) are cut into one chunk per thread;
-#            a thread runs sgemm/dgemm on its chunk, then the bias + activation pass on the
-#            same chunk while it is still in cache.
+#            a thread multiplies its chunk (float32 chunks of up to 8 rows stream w once, up
+#            to 256 rows run the micro-kernel of _gemm.h, the rest sgemm/dgemm), then runs
+#            the bias + activation pass on the same chunk while it is still in cache.
 #   add_layernorm:  h = x + y;  o = (h - mean(h)) / sqrt(var(h) + eps) * gamma + beta
 #            one pass per row (rows split across threads), h optionally kept (pre-norm).
 #
@@ -40,7 +41,9 @@ cdef extern from *:
     """
     #include <math.h>
     #include <stddef.h>
+    #include <stdlib.h>
     #include "_vecmath.h"          /* FA_AVX2, fa_exp8, fa_hsum8 (x86-64) */
+    #include "_gemm.h"             /* fa_pack_t_f32, fa_gemm_f32: the tiles' micro-kernel */
     #ifdef FA_HAVE_X86
     #define FF_X86 1
     #else
@@ -329,6 +332,42 @@ cdef extern from *:
         return 0;
     #endif
     }
+
+    /* Rows (FF_SMALL_N, FF_PACKED_MAX_N] of a float32 projection: the attention tiles'
+     * micro-kernel (_gemm.h), fed with w packed in blocks of FF_NC rows x FF_KC columns (64
+     * KiB; each 16-column panel of it serves every row of x before the next is read).
+     * SciPy's OpenBLAS (0.3.30) is slow on few-row GEMMs: 1 thread, GF/s, this kernel /
+     * sgemm, medians of 3 processes over (m, k) = (2304, 768), (768, 3072), (1536, 512):
+     * 12 rows 53-58 / 28-29; 24 rows 69-74 / 43; 96 rows 82-87 / 71-73; 256 rows 86-89 /
+     * 81-84; 384 rows 85-90 / 85-87; 1024 rows 83-88 / 89-92.  The sums run over k in order,
+     * one FMA each, so a row's result does not depend on the other rows or on the thread
+     * count.  1 if it ran, 0 if the caller must use the BLAS. */
+    #define FF_PACKED_MAX_N 256
+    #define FF_NC 32
+    #define FF_KC 512
+    static int ff_gemm_packed_f32(ptrdiff_t n, ptrdiff_t m, ptrdiff_t k, const float *x,
+                                  ptrdiff_t ldx, const float *w, ptrdiff_t ldw, float *out,
+                                  ptrdiff_t ldo, int accumulate) {
+    #if FF_X86
+        if (!ff_avx2) return 0;
+        float *wp = (float *)malloc(FF_NC * FF_KC * sizeof(float));
+        if (wp == NULL) return 0;
+        for (ptrdiff_t j0 = 0; j0 < m; j0 += FF_NC) {
+            ptrdiff_t nc = m - j0 < FF_NC ? m - j0 : FF_NC;
+            for (ptrdiff_t p0 = 0; p0 < k; p0 += FF_KC) {
+                ptrdiff_t kc = k - p0 < FF_KC ? k - p0 : FF_KC;
+                fa_pack_t_f32(w + j0 * ldw + p0, ldw, nc, kc, wp);
+                fa_gemm_f32(n, nc, kc, x + p0, ldx, wp, kc, out + j0, ldo, accumulate || p0);
+            }
+        }
+        free(wp);
+        return 1;
+    #else
+        (void)n; (void)m; (void)k; (void)x; (void)ldx; (void)w; (void)ldw; (void)out;
+        (void)ldo; (void)accumulate;
+        return 0;
+    #endif
+    }
     """
     const char *ff_simd_init(int use_simd) nogil
     void ff_bias_act_f32(float *y, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
@@ -341,6 +380,10 @@ cdef extern from *:
                        const double *g, const double *b, double eps, Py_ssize_t n) noexcept nogil
     int FF_SMALL_N
     int ff_gemm_smalln_f32(Py_ssize_t n, Py_ssize_t m, Py_ssize_t k, const float *x,
+                           Py_ssize_t ldx, const float *w, Py_ssize_t ldw, float *out,
+                           Py_ssize_t ldo, int accumulate) noexcept nogil
+    int FF_PACKED_MAX_N
+    int ff_gemm_packed_f32(Py_ssize_t n, Py_ssize_t m, Py_ssize_t k, const float *x,
                            Py_ssize_t ldx, const float *w, Py_ssize_t ldw, float *out,
                            Py_ssize_t ldo, int accumulate) noexcept nogil
 
@@ -404,6 +447,9 @@ cdef void linear_chunk(const Linear *L, Py_ssize_t c, floating dummy) noexcept n
     if floating is float:
         if L.k > 0 and r1 - r0 <= FF_SMALL_N:
             done = ff_gemm_smalln_f32(r1 - r0, c1 - c0, L.k, x, L.ldx, w, L.ldw, o, L.ldo,
+                                      L.accumulate)
+        elif L.k > 0 and r1 - r0 <= FF_PACKED_MAX_N:
+            done = ff_gemm_packed_f32(r1 - r0, c1 - c0, L.k, x, L.ldx, w, L.ldw, o, L.ldo,
                                       L.accumulate)
     if done:
         pass

@@ -1,6 +1,7 @@
 /* The attention tiles' two products with a register-blocked AVX2/FMA micro-kernel, for
  * shapes where a BLAS call loses to its own packing: Q·Kᵀ has the head dimension (64, 128)
- * as its inner size, and every tile is packed again by the BLAS on each call.
+ * as its inner size, and every tile is packed again by the BLAS on each call.  The blocks'
+ * projections of 9 to 256 rows use it too (_fused.pyx).
  *
  *   C (m x n, row stride ldc) := A · B      or  C += A · B       (accumulate)
  *
@@ -34,7 +35,7 @@
 /* elements of scratch a packed operand of n columns (rounded up to panels) and k rows needs */
 #define FA_PACKED_SIZE(n, k, nr) ((((n) + (nr) - 1) / (nr)) * (nr) * (k))
 
-static int fa_gemm_ok = 0;
+static int fa_gemm_ok FA_UNUSED = 0;
 
 #ifdef FA_HAVE_X86
 
@@ -132,8 +133,8 @@ FA_AVX2 static int fa_pack_n_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t k, ptrdi
 }                                                                                            \
                                                                                              \
 /* Bp := the panels of Xᵀ for X (n x k, row stride ldx): row r of X becomes column r */      \
-static void fa_pack_t_##SUF##_plain(const T *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,     \
-                                    T *Bp) {                                                 \
+FA_UNUSED static void fa_pack_t_##SUF##_plain(const T *X, ptrdiff_t ldx, ptrdiff_t n,        \
+                                              ptrdiff_t k, T *Bp) {                          \
     for (ptrdiff_t j = 0; j < n; j += 2 * W) {                                               \
         ptrdiff_t nr = n - j < 2 * W ? n - j : 2 * W;                                        \
         T *bp = Bp + (j / (2 * W)) * k * 2 * W;                                              \
@@ -216,16 +217,19 @@ FA_PACK_T_DEFINE(f64, double, 4, fa_transpose4_f64)
 #else  /* no x86-64: never called (fa_gemm_ok stays 0), defined so the kernel links */
 
 #define FA_GEMM_STUB(SUF, T)                                                                 \
-static void fa_gemm_##SUF(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *A, ptrdiff_t lda, \
-                          const T *Bp, ptrdiff_t kp, T *C, ptrdiff_t ldc, int accumulate) {  \
+FA_UNUSED static void fa_gemm_##SUF(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *A,       \
+                                    ptrdiff_t lda, const T *Bp, ptrdiff_t kp, T *C,          \
+                                    ptrdiff_t ldc, int accumulate) {                         \
     (void)m; (void)n; (void)k; (void)A; (void)lda; (void)Bp; (void)kp; (void)C; (void)ldc;   \
     (void)accumulate;                                                                        \
 }                                                                                            \
-static int fa_pack_n_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t k, ptrdiff_t n, T *Bp) {     \
+FA_UNUSED static int fa_pack_n_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t k, ptrdiff_t n,    \
+                                     T *Bp) {                                                \
     (void)X; (void)ldx; (void)k; (void)n; (void)Bp;                                          \
     return 0;                                                                                \
 }                                                                                            \
-static void fa_pack_t_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k, T *Bp) {    \
+FA_UNUSED static void fa_pack_t_##SUF(const T *X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t k,   \
+                                      T *Bp) {                                               \
     (void)X; (void)ldx; (void)n; (void)k; (void)Bp;                                          \
 }
 FA_GEMM_STUB(f32, float)

@@ -6,11 +6,18 @@
 #ifndef FASTATTN_VECMATH_H
 #define FASTATTN_VECMATH_H
 
+/* each extension that includes these headers uses only some of their static functions */
+#if defined(__GNUC__) || defined(__clang__)
+#define FA_UNUSED __attribute__((unused))
+#else
+#define FA_UNUSED
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FA_HAVE_X86 1
 #include <immintrin.h>
 
-#define FA_AVX2 __attribute__((target("avx2,fma")))
+#define FA_AVX2 __attribute__((target("avx2,fma"))) FA_UNUSED
 
 /* exp(x) = 2^n exp(r), x = n ln2 + r, |r| <= ln2/2.  n comes from the "magic number" add:
  * x log2e + (1.5 2^23 + bias) holds n + bias in its low mantissa bits, so shifting those bits
