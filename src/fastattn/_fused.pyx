@@ -340,8 +340,10 @@ cdef extern from *:
      * sgemm, medians of 3 processes over (m, k) = (2304, 768), (768, 3072), (1536, 512):
      * 12 rows 53-58 / 28-29; 24 rows 69-74 / 43; 96 rows 82-87 / 71-73; 256 rows 86-89 /
      * 81-84; 384 rows 85-90 / 85-87; 1024 rows 83-88 / 89-92.  The sums run over k in order,
-     * one FMA each, so a row's result does not depend on the other rows or on the thread
-     * count.  1 if it ran, 0 if the caller must use the BLAS. */
+     * one FMA each, so an output element does not depend on the other rows or columns of the
+     * chunk (threads that split a call all on this kernel give bitwise its one-thread result;
+     * a chunk that falls to another kernel sums in that kernel's order).  1 if it ran, 0 if
+     * the caller must use the BLAS. */
     #define FF_PACKED_MAX_N 256
     #define FF_NC 32
     #define FF_KC 512
