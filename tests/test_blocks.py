@@ -608,6 +608,21 @@ def test_projection_kernels_match_blas_and_float64(n):
         assert np.array_equal(outs[0][1], outs[1][1])
 
 
+def test_projection_thread_splits_are_bitwise_the_one_thread_result():
+    """Whatever the thread count, every chunk of a float32 projection runs the kernel the whole
+    call's row count picks: a 1-row tail chunk (161 rows at 5 threads: 40 + 40 + 40 + 40 + 1)
+    does not switch to the streaming kernel's summation order."""
+    r = rng(7)
+    for n, m, k in [(161, 64, 512), (100, 24, 300), (256, 40, 1030), (9, 700, 64), (7, 90, 33)]:
+        x = r.standard_normal((n, k)).astype(np.float32)
+        w = r.standard_normal((m, k)).astype(np.float32)
+        b = r.standard_normal(m).astype(np.float32)
+        one = _fused.linear(x, w, b, np.empty((n, m), np.float32), None, False, 1)
+        for nt in (2, 3, 5):
+            out = _fused.linear(x, w, b, np.empty((n, m), np.float32), None, False, nt)
+            assert np.array_equal(out, one), (n, m, k, nt)
+
+
 def test_linear_strided_rows_and_public_wrapper():
     r = rng(5)
     x = r.standard_normal((6, 40)).astype(np.float32)[:, 3:35]         # row stride 40

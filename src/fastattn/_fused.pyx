@@ -341,8 +341,7 @@ cdef extern from *:
      * 12 rows 53-58 / 28-29; 24 rows 69-74 / 43; 96 rows 82-87 / 71-73; 256 rows 86-89 /
      * 81-84; 384 rows 85-90 / 85-87; 1024 rows 83-88 / 89-92.  The sums run over k in order,
      * one FMA each, so an output element does not depend on the other rows or columns of the
-     * chunk (threads that split a call all on this kernel give bitwise its one-thread result;
-     * a chunk that falls to another kernel sums in that kernel's order).  1 if it ran, 0 if
+     * chunk: threads that split a call give bitwise its one-thread result.  1 if it ran, 0 if
      * the caller must use the BLAS. */
     #define FF_PACKED_MAX_N 256
     #define FF_NC 32
@@ -446,11 +445,13 @@ cdef void linear_chunk(const Linear *L, Py_ssize_t c, floating dummy) noexcept n
     cdef floating *o = <floating *>L.out + r0 * L.ldo + c0
     cdef floating *b = <floating *>L.b + c0 if L.b != NULL else NULL
     cdef bint done = False
+    # the kernel follows the whole call's row count, not the chunk's: every chunk then sums
+    # in the same order, and the result does not depend on the thread count
     if floating is float:
-        if L.k > 0 and r1 - r0 <= FF_SMALL_N:
+        if L.k > 0 and L.n <= FF_SMALL_N:
             done = ff_gemm_smalln_f32(r1 - r0, c1 - c0, L.k, x, L.ldx, w, L.ldw, o, L.ldo,
                                       L.accumulate)
-        elif L.k > 0 and r1 - r0 <= FF_PACKED_MAX_N:
+        elif L.k > 0 and L.n <= FF_PACKED_MAX_N:
             done = ff_gemm_packed_f32(r1 - r0, c1 - c0, L.k, x, L.ldx, w, L.ldw, o, L.ldo,
                                       L.accumulate)
     if done:
