@@ -423,6 +423,127 @@ def test_copied_cache_decodes_independently():
     assert max_err(np.concatenate(a, 1), want) <= TOL
 
 
+def test_cache_shared_by_threads_loses_no_position():
+    """Steps on one cache from several threads run one at a time: every accepted position is
+    counted, and no step is accepted past max_length (before: 64 steps from two threads left
+    length at 32, and steps of 1-3 positions ran past max_length without an error)."""
+    import threading
+    dec = fastattn.Decoder([fastattn.DecoderLayer(32, 4, 64, seed=0)])
+    mem, x = randn(1, 4, 32, seed=1), randn(1, 3, 32, seed=2)
+    for trial in range(3):
+        cache = dec.new_cache(mem, 64)
+        done, errors = [], []
+
+        def work(seed):
+            r = np.random.default_rng(seed)
+            for _ in range(16):
+                t = int(r.integers(1, 4))
+                try:
+                    dec(x[:, :t], cache=cache)
+                    done.append(t)
+                except ValueError as exc:
+                    errors.append(str(exc))
+
+        threads = [threading.Thread(target=work, args=(trial * 10 + i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert cache.length == sum(done) <= 64
+        assert all("do not fit" in e for e in errors)
+
+
+def test_cache_is_tied_to_the_weights_it_was_made_with():
+    """A cache holds keys and values computed with its decoder's weights: another decoder of
+    the same shape, or the same one after load_state_dict, is refused; a copy or an unpickled
+    pair of decoder and cache (the same weights) is accepted."""
+    import copy
+    dec_a, dec_b = _decoder(False, seed=0), _decoder(False, seed=5)
+    mem, x = randn(2, 4, 32, seed=1), randn(2, 3, 32, seed=2)
+    cache = dec_a.new_cache(mem, 3)
+    with pytest.raises(ValueError, match="another decoder"):
+        dec_b(x[:, :1], cache=cache)
+    assert cache.length == 0
+    twin, twin_cache = pickle.loads(pickle.dumps((dec_a, cache)))
+    steps = [copy.deepcopy(dec_a)(x[:, :1], cache=cache), twin(x[:, :1], cache=twin_cache)]
+    assert max_err(steps[0], dec_a(x[:, :1], mem)) <= TOL
+    assert np.array_equal(steps[0], steps[1])
+    dec_a.load_state_dict(dec_b.state_dict())
+    with pytest.raises(ValueError, match="weights were replaced"):
+        dec_a(x[:, 1:2], cache=cache)
+    fresh = dec_a.new_cache(mem, 3)
+    assert max_err(dec_a(x[:, :1], cache=fresh), dec_b(x[:, :1], mem)) <= TOL
+
+
+def test_cache_length_is_read_only_and_buffers_start_zeroed():
+    dec = _decoder(False)
+    mem = randn(1, 3, 32, seed=1)
+    cache = dec.new_cache(mem, 5)
+    for name in ("length", "max_length"):
+        with pytest.raises(AttributeError):
+            setattr(cache, name, -3)
+    assert all(not lc["k"].any() and not lc["v"].any() for lc in cache._layers)
+    with pytest.raises(ValueError, match="max_length"):
+        dec.new_cache(mem, 2**40)
+
+
+def test_cache_accepts_its_own_memory_holding_nan():
+    dec = _decoder(False)
+    mem, x = randn(1, 3, 32, seed=1), randn(1, 1, 32, seed=2)
+    mem[0, 0, 0] = np.nan
+    cache = dec.new_cache(mem, 2)
+    y = dec(x, mem.copy(), cache=cache)
+    assert np.array_equal(y, dec(x, mem), equal_nan=True)
+
+
+def test_block_errors_name_the_block_argument():
+    """attention's checks, reached through a block, name the block's argument."""
+    dec = _decoder(False)
+    model = fastattn.Transformer(16, 2, 1, 1, 32, seed=0)
+    x, mem = randn(2, 3, 32, seed=1), randn(2, 6, 32, seed=2)
+    with pytest.raises(ValueError, match="^memory_mask of shape"):
+        dec(x, mem, memory_mask=np.ones((5, 5), bool))
+    with pytest.raises(ValueError, match="^memory_key_lengths must"):
+        dec(x, mem, memory_key_lengths=np.array([7, 1]))
+    with pytest.raises(ValueError, match="^memory_key_lengths must"):
+        dec(x[:, :1], cache=dec.new_cache(mem, 1), memory_key_lengths=np.array([9, 1]))
+    src, tgt = randn(2, 4, 16, seed=3), randn(2, 3, 16, seed=4)
+    with pytest.raises(ValueError, match="^src_key_lengths must"):
+        model(src, tgt, src_key_lengths=np.array([5, 1]))
+    with pytest.raises(ValueError, match="^tgt_key_lengths must"):
+        model(src, tgt, tgt_key_lengths=np.array([4, 1]))
+    with pytest.raises(TypeError, match="^x must be an array"):
+        fastattn.EncoderLayer(16, 2, 32)([[1.0] * 16, [1.0]])
+
+
+def test_load_state_dict_takes_what_torch_takes_and_names_bad_keys(torch):
+    """Tensors that require grad and bfloat16 tensors load (torch's own load_state_dict takes
+    them); a mapping with keys of mixed types or no mapping at all gives a clear error."""
+    t = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    layer = fastattn.EncoderLayer(16, 2, 32)
+    layer.load_state_dict(dict(t.named_parameters()))        # requires_grad=True
+    want = {k: v.detach().numpy() for k, v in t.state_dict().items()}
+    assert all(np.array_equal(v, want[k]) for k, v in layer.state_dict().items())
+    layer.load_state_dict({k: v.to(torch.bfloat16) for k, v in t.state_dict().items()})
+    assert np.array_equal(layer.state_dict()["linear1.weight"],
+                          t.linear1.weight.detach().to(torch.bfloat16).float().numpy())
+    with pytest.raises(ValueError, match="unexpected keys"):
+        layer.load_state_dict({**t.state_dict(), 1: 1, None: 2})
+    with pytest.raises(TypeError, match="mapping"):
+        layer.load_state_dict(None)
+
+
+def test_from_torch_keeps_each_norms_eps(torch):
+    t = torch.nn.TransformerDecoderLayer(16, 2, 32, batch_first=True).eval()
+    t.norm2.eps, t.norm3.eps = 1.0, 0.25
+    layer = fastattn.DecoderLayer.from_torch(t)
+    assert (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps) == (1e-5, 1.0, 0.25)
+    x, mem = randn(2, 3, 16, seed=1), randn(2, 4, 16, seed=2)
+    with torch.no_grad():
+        want = t(torch.from_numpy(x), torch.from_numpy(mem)).numpy()
+    assert max_err(layer(x, mem, causal=False), want) <= 1e-5
+
+
 def test_cache_limits_raise_and_leave_the_cache_usable():
     B, E = 2, 32
     dec = _decoder(False)

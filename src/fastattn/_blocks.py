@@ -21,8 +21,12 @@ Decoding with a cache (``new_cache``): each layer's cross-attention K/V of the m
 computed once, self-attention K/V go into preallocated ``(B, Hkv, max_length, D)`` buffers, and
 each call appends ``t >= 1`` positions, attending with bottom-right causal alignment.
 """
+import contextlib
 import functools
+import itertools
 import math
+import os
+import threading
 
 import numpy as np
 
@@ -34,6 +38,7 @@ __all__ = ["LayerNorm", "MultiHeadAttention", "EncoderLayer", "DecoderLayer", "E
            "Decoder", "Transformer", "DecoderCache", "linear"]
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+MAX_CACHE_LENGTH = 2**31 - 1    # the kernel's limit on a key sequence
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -75,7 +80,10 @@ def _check_activation(activation):
 def _input(x, name, width, dtype):
     """x as a C-contiguous (B, L, width) array of `dtype` (a copy only when needed), and
     whether it was unbatched (L, width)."""
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    try:
+        a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    except ValueError as exc:  # ragged lists
+        raise TypeError(f"{name} must be an array of floats: {exc}") from None
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {a.dtype}")
     if a.ndim not in (2, 3):
@@ -92,6 +100,20 @@ def _input(x, name, width, dtype):
 def _rows(a):
     """(B, L, E) C-contiguous -> (B·L, E) view."""
     return a.reshape(-1, a.shape[-1])
+
+
+@contextlib.contextmanager
+def _arg_names(**names):
+    """An error about an argument of `attention` (its message starts with the name) names
+    the block's argument instead: names maps attention's name to the block's."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        for old, new in names.items():
+            if msg.startswith((old + " ", old + ":")):
+                raise type(exc)(new + msg[len(old):]) from None
+        raise
 
 
 def _blas_one_thread():
@@ -171,7 +193,7 @@ def linear(x, weight, bias=None, *, activation=None, out=None):
 
 
 def _torch_state(module):
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    return {k: _weight_array(v, k) for k, v in module.state_dict().items()}
 
 
 def _torch_dtype(module):
@@ -208,9 +230,19 @@ def _require(module, cls_name):
         raise TypeError(f"expected a torch.nn.{cls_name}, got {type(module).__name__}")
 
 
+_TOKENS = zip(itertools.repeat(os.urandom(8)), itertools.count())   # unique across processes
+
+
 class _Block:
     """Parameters by PyTorch name: `_own_params` lists (name, attribute) of this block,
     `_children` lists (prefix, sub-block)."""
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if value is None or isinstance(value, np.ndarray):
+            # a weight was set (or dropped): a decoder cache made before, its keys and values
+            # computed with the old weights, no longer fits; copies and pickles keep the token
+            object.__setattr__(self, "_weights_token", next(_TOKENS))
 
     def _own_params(self):
         return []
@@ -236,10 +268,13 @@ class _Block:
         values, unknown ones are ignored); shapes must match.  Nothing is changed unless the
         whole mapping is valid.
         """
+        if not (hasattr(mapping, "keys") and hasattr(mapping, "__getitem__")):
+            raise TypeError(f"{type(self).__name__}.load_state_dict takes a mapping of names to "
+                            f"arrays, got {type(mapping).__name__}")
         named = {name: (obj, attr) for name, obj, attr in self._named()}
-        keys = set(mapping)
+        keys = set(mapping.keys())
         missing = sorted(set(named) - keys)
-        unexpected = sorted(keys - set(named))
+        unexpected = sorted(map(repr, keys - set(named)))
         if strict and (missing or unexpected):
             raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}, "
                              f"unexpected keys {unexpected}")
@@ -248,10 +283,7 @@ class _Block:
             if name not in mapping:
                 continue
             cur = getattr(obj, attr)
-            try:
-                v = np.asarray(mapping[name])
-            except ValueError as exc:  # ragged lists
-                raise ValueError(f"{name}: not an array: {exc}") from None
+            v = _weight_array(mapping[name], name)
             if v.dtype.kind not in "fiu":
                 raise TypeError(f"{name}: expected a float array, got dtype {v.dtype}")
             if v.shape != cur.shape:
@@ -264,6 +296,21 @@ class _Block:
             obj, attr = named[name]
             setattr(obj, attr, v)
         return self
+
+
+def _weight_array(value, name):
+    """A state-dict value as a NumPy array; a torch tensor may require grad or be bfloat16,
+    as the ones torch's own load_state_dict takes."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            value = value.float()               # exact: bfloat16 is float32's upper half
+    try:
+        return np.asarray(value)
+    except ValueError as exc:  # ragged lists
+        raise ValueError(f"{name}: not an array: {exc}") from None
+    except (TypeError, RuntimeError) as exc:
+        raise TypeError(f"{name}: not an array: {exc}") from None
 
 
 def _uniform(rng, shape, bound, dtype):
@@ -532,6 +579,15 @@ class _Layer(_Block):
         return _linear(h, self.linear2_weight, self.linear2_bias, out=out,
                        accumulate=accumulate)
 
+    @classmethod
+    def _from_torch_layer(cls, module, torch_name):
+        _require(module, torch_name)
+        layer = cls(**cls._torch_kwargs(module))
+        for name, child in layer._children():       # each norm keeps its own eps
+            if isinstance(child, LayerNorm):
+                child.eps = _check_eps(getattr(module, name).eps, f"{name}.eps")
+        return layer.load_state_dict(_torch_state(module))
+
     @staticmethod
     def _torch_kwargs(module):
         return dict(d_model=module.self_attn.embed_dim, num_heads=module.self_attn.num_heads,
@@ -584,9 +640,7 @@ class EncoderLayer(_Layer):
 
     @classmethod
     def from_torch(cls, module):
-        _require(module, "TransformerEncoderLayer")
-        layer = cls(**cls._torch_kwargs(module))
-        return layer.load_state_dict(_torch_state(module))
+        return cls._from_torch_layer(module, "TransformerEncoderLayer")
 
 
 class DecoderLayer(_Layer):
@@ -629,8 +683,10 @@ class DecoderLayer(_Layer):
         mk = np.ascontiguousarray(ca._heads(kv[:, :Ekv], B, S, Hkc))
         mv = np.ascontiguousarray(ca._heads(kv[:, Ekv:], B, S, Hkc))
         shape = (B, Hkv, max_length, D)
-        return {"mk": mk, "mv": mv, "k": np.empty(shape, self.dtype),
-                "v": np.empty(shape, self.dtype)}
+        # zeros, not empty: a pickled or copied cache holds no stale memory (calloc'd pages
+        # cost nothing until a step writes them)
+        return {"mk": mk, "mv": mv, "k": np.zeros(shape, self.dtype),
+                "v": np.zeros(shape, self.dtype)}
 
     def _self_cached(self, x2, B, t, lc, pos, *, mask, causal, out=None, accumulate=False):
         """Self-attention of t new positions against the cache's first pos + t positions."""
@@ -665,8 +721,9 @@ class DecoderLayer(_Layer):
                                             causal=causal, **kw)[0]
 
         def cross_attn(x, **kw):
-            return ca._cross(x, B, L, mk, mv, mask=memory_mask, key_lengths=memory_key_lengths,
-                             **kw)[0]
+            with _arg_names(mask="memory_mask", key_lengths="memory_key_lengths"):
+                return ca._cross(x, B, L, mk, mv, mask=memory_mask,
+                                 key_lengths=memory_key_lengths, **kw)[0]
 
         if self.norm_first:
             n = _layernorm(x2, None, self.norm1)                          # n = norm1(x)
@@ -695,9 +752,7 @@ class DecoderLayer(_Layer):
 
     @classmethod
     def from_torch(cls, module):
-        _require(module, "TransformerDecoderLayer")
-        layer = cls(**cls._torch_kwargs(module))
-        return layer.load_state_dict(_torch_state(module))
+        return cls._from_torch_layer(module, "TransformerDecoderLayer")
 
 
 # ---- stacks ---------------------------------------------------------------------------------
@@ -771,47 +826,66 @@ class DecoderCache:
     """Incremental-decoding state of a decoder: per layer, the cross-attention K/V of the
     memory (computed once) and preallocated self-attention K/V buffers of ``max_length``.
 
-    ``length``: positions filled so far; ``max_length``; ``batch_size``.  Made by
-    ``Decoder.new_cache`` / ``Transformer.new_cache`` / ``DecoderLayer.new_cache``.
+    ``length`` (read-only): positions filled so far; ``max_length``; ``batch_size``.  Made by
+    ``Decoder.new_cache`` / ``Transformer.new_cache`` / ``DecoderLayer.new_cache``, and used
+    only with that decoder while its weights stay the ones the cache was made with (another
+    decoder, or the same one after ``load_state_dict``, raises ``ValueError``; weights changed
+    in place are not detected).  Steps from several threads on one cache run one at a time.
     ``copy.copy(cache)`` gives an independent cache (own self-attention buffers, the memory's
     read-only K/V shared), as a beam search that forks a hypothesis needs.
     """
 
-    __slots__ = ("length", "max_length", "batch_size", "memory_length", "memory_key_lengths",
-                 "unbatched", "_layers", "_memory")
+    __slots__ = ("_length", "_max_length", "batch_size", "memory_length",
+                 "memory_key_lengths", "unbatched", "_layers", "_memory", "_tokens", "_lock")
 
     @classmethod
     def _make(cls, layers, memory, max_length, memory_key_lengths):
         E, dt = layers[0].d_model, layers[0].dtype
         mem, unbatched = _input(memory, "memory", E, dt)
         c = cls()
-        c.max_length = _check_int(max_length, "max_length", 0)
-        c.length = 0
+        c._max_length = _check_int(max_length, "max_length", 0)
+        if c._max_length > MAX_CACHE_LENGTH:
+            raise ValueError(f"max_length must be <= 2**31 - 1, got {c._max_length}")
+        c._length = 0
         c.batch_size, c.memory_length = mem.shape[:2]
         c.unbatched = unbatched
         lengths = _lengths(memory_key_lengths, "memory_key_lengths", c.batch_size,
                            c.memory_length)
         c.memory_key_lengths = None if lengths is None else lengths.copy()
-        c._layers = [lyr._layer_cache(mem, c.max_length) for lyr in layers]
+        c._layers = [lyr._layer_cache(mem, c._max_length) for lyr in layers]
         c._memory = mem.copy()            # private: a call given a memory is checked against it
+        c._tokens = _weight_tokens(layers)
+        c._lock = threading.Lock()        # one step at a time: a step reads, then sets, length
         return c
 
-    def _fits(self, layers):
-        """Whether this cache's buffers have the shapes `layers` need."""
-        if len(self._layers) != len(layers):
-            return False
-        for lc, lyr in zip(self._layers, layers):
-            sa = lyr.self_attn
-            if (lc["k"].shape[1] != sa.num_kv_heads or lc["k"].shape[3] != sa.head_dim or
-                    lc["k"].dtype != lyr.dtype or
-                    lc["mk"].shape[1] != lyr.multihead_attn.num_kv_heads or
-                    lc["mk"].shape[3] != lyr.multihead_attn.head_dim):
-                return False
-        return True
+    @property
+    def length(self):
+        """Positions decoded so far."""
+        return self._length
+
+    @property
+    def max_length(self):
+        return self._max_length
+
+    def _check(self, layers):
+        """Raise unless this cache was made by `layers`, with their current weights."""
+        if self._tokens == _weight_tokens(layers):
+            return
+        if len(self._layers) != len(layers) or not all(
+                lc["k"].shape[1] == lyr.self_attn.num_kv_heads and
+                lc["k"].shape[3] == lyr.self_attn.head_dim and lc["k"].dtype == lyr.dtype and
+                lc["mk"].shape[1] == lyr.multihead_attn.num_kv_heads and
+                lc["mk"].shape[3] == lyr.multihead_attn.head_dim
+                for lc, lyr in zip(self._layers, layers)):
+            raise ValueError(f"{self!r} was made for a decoder of another shape")
+        raise ValueError(f"{self!r} was made by another decoder, or before this decoder's "
+                         f"weights were replaced (its keys and values come from the weights "
+                         f"it was made with): make a new cache")
 
     def reset(self):
         """Forget the decoded positions (the memory's K/V are kept)."""
-        self.length = 0
+        with self._lock:
+            self._length = 0
 
     def __repr__(self):
         return (f"DecoderCache(length={self.length}, max_length={self.max_length}, "
@@ -827,11 +901,23 @@ class DecoderCache:
         return c
 
     def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_lock"}
 
     def __setstate__(self, state):
         for k, v in state.items():
             setattr(self, k, v)
+        self._lock = threading.Lock()
+
+
+def _weight_tokens(layers):
+    """The weights' identity, one token per block: a block gets a new one whenever one of
+    its weight arrays is replaced (in place changes are not seen)."""
+    tokens, todo = [], list(layers)
+    while todo:
+        b = todo.pop()
+        tokens.append(getattr(b, "_weights_token", None))
+        todo.extend(child for _, child in b._children())
+    return tuple(tokens)
 
 
 def _lengths(x, name, B, limit):
@@ -850,13 +936,25 @@ def _lengths(x, name, B, limit):
 def _same_memory(memory, kept, E, dt):
     """Whether `memory` holds the values of the cache's memory (`kept`, (B, S, E))."""
     m, _ = _input(memory, "memory", E, dt)
-    return m.shape == kept.shape and bool(np.array_equal(m, kept))
+    return m.shape == kept.shape and bool(np.array_equal(m, kept, equal_nan=True))
 
 
 @_guarded
 def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
             memory_key_lengths, cache):
     """Run decoder layers (+ final norm) on x, with or without a cache."""
+    args = (layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
+            memory_key_lengths, cache)
+    if cache is None:
+        return _decode_steps(*args)
+    if not isinstance(cache, DecoderCache):
+        raise TypeError(f"cache must be a DecoderCache, got {type(cache).__name__}")
+    with cache._lock:           # another thread's step on this cache waits for this one
+        return _decode_steps(*args)
+
+
+def _decode_steps(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
+                  memory_key_lengths, cache):
     E, dt = layers[0].d_model, layers[0].dtype
     a, unbatched = _input(x, "x", E, dt)
     B, L, _ = a.shape
@@ -872,10 +970,7 @@ def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
                              f"memory {np.shape(memory)}")
         pos = 0
     else:
-        if not isinstance(cache, DecoderCache):
-            raise TypeError(f"cache must be a DecoderCache, got {type(cache).__name__}")
-        if not cache._fits(layers):
-            raise ValueError(f"{cache!r} was made for a decoder of another shape")
+        cache._check(layers)
         if key_lengths is not None:
             raise ValueError("key_lengths cannot be used with a cache (decoded positions are "
                              "never padding); use memory_key_lengths for the memory")
@@ -884,14 +979,14 @@ def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
                              f"{cache.batch_size}" + (" (unbatched)" if cache.unbatched else ""))
         if L < 1:
             raise ValueError("x must hold at least one new position")
-        if cache.length + L > cache.max_length:
-            raise ValueError(f"the cache holds {cache.length} of max_length = "
-                             f"{cache.max_length} positions: {L} more do not fit")
+        if cache._length + L > cache._max_length:
+            raise ValueError(f"the cache holds {cache._length} of max_length = "
+                             f"{cache._max_length} positions: {L} more do not fit")
         if memory is not None and not _same_memory(memory, cache._memory, E, dt):
             raise ValueError("memory differs from the memory the cache was made from (its "
                              "keys and values are in the cache; pass memory=None, or make a new "
                              "cache)")
-        pos = cache.length
+        pos = cache._length
         if memory_key_lengths is None:
             memory_key_lengths = cache.memory_key_lengths
     h = _rows(a)
@@ -902,7 +997,7 @@ def _decode(layers, norm, x, memory, causal, mask, key_lengths, memory_mask,
     if norm is not None:
         h = _layernorm(h, None, norm, norm_out=h)
     if cache is not None:
-        cache.length = pos + L
+        cache._length = pos + L
     h = h.reshape(B, L, E)
     return h[0] if unbatched else h
 
@@ -981,9 +1076,11 @@ class Transformer(_Block):
         return self.decoder.new_cache(memory, max_length, memory_key_lengths=memory_key_lengths)
 
     def __call__(self, src, tgt, *, src_key_lengths=None, tgt_key_lengths=None):
-        memory = self.encode(src, key_lengths=src_key_lengths)
-        return self.decode(tgt, memory, memory_key_lengths=src_key_lengths,
-                           key_lengths=tgt_key_lengths)
+        with _arg_names(key_lengths="src_key_lengths"):
+            memory = self.encode(src, key_lengths=src_key_lengths)
+        with _arg_names(memory_key_lengths="src_key_lengths", key_lengths="tgt_key_lengths"):
+            return self.decode(tgt, memory, memory_key_lengths=src_key_lengths,
+                               key_lengths=tgt_key_lengths)
 
     @classmethod
     def from_torch(cls, module):
