@@ -23,10 +23,10 @@ each call appends ``t >= 1`` positions, attending with bottom-right causal align
 """
 import contextlib
 import functools
-import itertools
 import math
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -230,19 +230,16 @@ def _require(module, cls_name):
         raise TypeError(f"expected a torch.nn.{cls_name}, got {type(module).__name__}")
 
 
-_TOKENS = zip(itertools.repeat(os.urandom(8)), itertools.count())   # unique across processes
-
-
 class _Block:
     """Parameters by PyTorch name: `_own_params` lists (name, attribute) of this block,
     `_children` lists (prefix, sub-block)."""
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
-        if value is None or isinstance(value, np.ndarray):
-            # a weight was set (or dropped): a decoder cache made before, its keys and values
-            # computed with the old weights, no longer fits; copies and pickles keep the token
-            object.__setattr__(self, "_weights_token", next(_TOKENS))
+        # a weight (or eps, activation, ...) was set: a decoder cache made before, its keys
+        # and values computed with the old values, no longer fits.  Random, so unique across
+        # processes and forks; copies and pickles keep it.
+        object.__setattr__(self, "_weights_token", os.urandom(16))
 
     def _own_params(self):
         return []
@@ -274,7 +271,7 @@ class _Block:
         named = {name: (obj, attr) for name, obj, attr in self._named()}
         keys = set(mapping.keys())
         missing = sorted(set(named) - keys)
-        unexpected = sorted(map(repr, keys - set(named)))
+        unexpected = sorted(keys - set(named), key=repr)
         if strict and (missing or unexpected):
             raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}, "
                              f"unexpected keys {unexpected}")
@@ -301,15 +298,15 @@ class _Block:
 def _weight_array(value, name):
     """A state-dict value as a NumPy array; a torch tensor may require grad or be bfloat16,
     as the ones torch's own load_state_dict takes."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu()
-        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
-            value = value.float()               # exact: bfloat16 is float32's upper half
     try:
+        if hasattr(value, "detach") and hasattr(value, "cpu"):
+            value = value.detach().cpu()
+            if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+                value = value.float()           # exact: bfloat16 is float32's upper half
         return np.asarray(value)
     except ValueError as exc:  # ragged lists
         raise ValueError(f"{name}: not an array: {exc}") from None
-    except (TypeError, RuntimeError) as exc:
+    except (TypeError, RuntimeError, NotImplementedError) as exc:
         raise TypeError(f"{name}: not an array: {exc}") from None
 
 
@@ -836,7 +833,8 @@ class DecoderCache:
     """
 
     __slots__ = ("_length", "_max_length", "batch_size", "memory_length",
-                 "memory_key_lengths", "unbatched", "_layers", "_memory", "_tokens", "_lock")
+                 "memory_key_lengths", "unbatched", "_layers", "_memory", "_tokens", "_lock",
+                 "__weakref__")
 
     @classmethod
     def _make(cls, layers, memory, max_length, memory_key_lengths):
@@ -855,8 +853,14 @@ class DecoderCache:
         c._layers = [lyr._layer_cache(mem, c._max_length) for lyr in layers]
         c._memory = mem.copy()            # private: a call given a memory is checked against it
         c._tokens = _weight_tokens(layers)
-        c._lock = threading.Lock()        # one step at a time: a step reads, then sets, length
+        c._new_lock()
         return c
+
+    def _new_lock(self):
+        """One step at a time: a step reads, then sets, length.  A forked child gets new locks
+        (a step another thread was taking at the fork would hold the copied one for ever)."""
+        self._lock = threading.Lock()
+        _CACHES.add(self)
 
     @property
     def length(self):
@@ -901,12 +905,25 @@ class DecoderCache:
         return c
 
     def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__ if k != "_lock"}
+        return {k: getattr(self, k) for k in self.__slots__ if k not in ("_lock", "__weakref__")}
 
     def __setstate__(self, state):
+        state = {"_tokens": None, **state}          # a cache pickled before the tokens ...
         for k, v in state.items():
-            setattr(self, k, v)
-        self._lock = threading.Lock()
+            setattr(self, "_" + k if k in ("length", "max_length") else k, v)   # ... and names
+        self._new_lock()
+
+
+_CACHES = weakref.WeakSet()
+
+
+def _new_cache_locks_in_child():
+    for cache in list(_CACHES):
+        cache._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_cache_locks_in_child)
 
 
 def _weight_tokens(layers):
@@ -915,7 +932,8 @@ def _weight_tokens(layers):
     tokens, todo = [], list(layers)
     while todo:
         b = todo.pop()
-        tokens.append(getattr(b, "_weights_token", None))
+        # a block unpickled from before the tokens gets one: it fits no earlier cache
+        tokens.append(b.__dict__.setdefault("_weights_token", os.urandom(16)))
         todo.extend(child for _, child in b._children())
     return tuple(tokens)
 
@@ -1076,9 +1094,10 @@ class Transformer(_Block):
         return self.decoder.new_cache(memory, max_length, memory_key_lengths=memory_key_lengths)
 
     def __call__(self, src, tgt, *, src_key_lengths=None, tgt_key_lengths=None):
-        with _arg_names(key_lengths="src_key_lengths"):
+        with _arg_names(x="src", key_lengths="src_key_lengths"):
             memory = self.encode(src, key_lengths=src_key_lengths)
-        with _arg_names(memory_key_lengths="src_key_lengths", key_lengths="tgt_key_lengths"):
+        with _arg_names(x="tgt", memory_key_lengths="src_key_lengths",
+                        key_lengths="tgt_key_lengths"):
             return self.decode(tgt, memory, memory_key_lengths=src_key_lengths,
                                key_lengths=tgt_key_lengths)
 

@@ -10,9 +10,9 @@
 #
 #   linear:  out (N x M) [+]= act(x (N x K) · wᵀ + b)       w is (M x K), PyTorch's layout
 #            the N rows (or, for few rows, the M columns) are cut into one chunk per thread;
-#            a thread multiplies its chunk (float32 chunks of up to 8 rows stream w once, up
-#            to 256 rows run the micro-kernel of _gemm.h, the rest sgemm/dgemm), then runs
-#            the bias + activation pass on the same chunk while it is still in cache.
+#            a thread multiplies its chunk (float32 calls of up to 8 rows stream w once, up
+#            to 256 rows run the micro-kernel of _gemm.h, larger ones sgemm/dgemm), then
+#            runs the bias + activation pass on the same chunk while it is still in cache.
 #   add_layernorm:  h = x + y;  o = (h - mean(h)) / sqrt(var(h) + eps) * gamma + beta
 #            one pass per row (rows split across threads), h optionally kept (pre-norm).
 #
@@ -339,9 +339,10 @@ cdef extern from *:
      * SciPy's OpenBLAS (0.3.30) is slow on few-row GEMMs: 1 thread, GF/s, this kernel /
      * sgemm, medians of 3 processes over (m, k) = (2304, 768), (768, 3072), (1536, 512):
      * 12 rows 53-58 / 28-29; 24 rows 69-74 / 43; 96 rows 82-87 / 71-73; 256 rows 86-89 /
-     * 81-84; 384 rows 85-90 / 85-87; 1024 rows 83-88 / 89-92.  The sums run over k in order,
-     * one FMA each, so an output element does not depend on the other rows or columns of the
-     * chunk: threads that split a call give bitwise its one-thread result.  1 if it ran, 0 if
+     * 81-84; 384 rows 85-90 / 85-87; 1024 rows 83-88 / 89-92.  An output element is the sum,
+     * in order, of its 512-column blocks' partial sums (each one FMA per term), whatever the
+     * other rows or columns of the chunk: threads that split a call give bitwise its
+     * one-thread result.  1 if it ran, 0 if
      * the caller must use the BLAS. */
     #define FF_PACKED_MAX_N 256
     #define FF_NC 32
