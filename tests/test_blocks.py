@@ -783,6 +783,45 @@ def test_projection_thread_splits_are_bitwise_the_one_thread_result():
             assert np.array_equal(out, one), (n, m, k, nt)
 
 
+def test_linear_out_overlapping_an_operand_is_still_right():
+    """An out= sharing memory with the bias or the weight (which the GEMM would overwrite
+    before reading them) goes through a temporary (before: the bias read back from out)."""
+    r = rng(11)
+    x = r.standard_normal((5, 3)).astype(np.float32)
+    buf = r.standard_normal((5, 4)).astype(np.float32)
+    want = x @ buf[:4, :3].T + buf[0]
+    out = buf.copy()
+    fastattn.linear(x, out[:4, :3], out[0], out=out)      # weight and bias inside out
+    assert max_err(out, want) <= 1e-5
+    with pytest.raises(ValueError, match="overlap"):      # the private kernel refuses it
+        _fused.linear(x, buf[:4, :3].copy(), buf[0], buf, None, False, 1)
+
+
+def test_entry_points_name_what_is_wrong():
+    """Errors a user can cause in linear, LayerNorm and MultiHeadAttention are clear."""
+    f = np.float32
+    x, w = np.ones((2, 3), f), np.ones((4, 3), f)
+    with pytest.raises(ValueError, match="activation"):
+        fastattn.linear(x, w, activation=np.array(["relu", "gelu"]))
+    ro = np.zeros((4, 2), f).T
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        fastattn.linear(x, w, out=ro)
+    ln = fastattn.LayerNorm(8)
+    for eps in (-1.0, np.nan):
+        ln.eps = eps
+        with pytest.raises(ValueError, match="eps"):
+            ln(np.ones((2, 8), f))
+    x0 = np.array(1.0, f)          # the private kernel: a 0-d x crashed building its message
+    with pytest.raises(ValueError, match="2-D"):
+        _fused.add_layernorm(x0, None, np.ones(1, f), np.zeros(1, f), 1e-5, None, x0.copy(), 1)
+    m = fastattn.MultiHeadAttention(24, 3, kdim=10, vdim=14)
+    with pytest.raises(ValueError, match="value is required"):
+        m(np.ones((1, 2, 24), f), np.ones((1, 3, 10), f))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        fastattn.MultiHeadAttention(24, 3)(np.ones((1, 2, 24), f), causal=np.array([True]))
+
+
 def test_linear_strided_rows_and_public_wrapper():
     r = rng(5)
     x = r.standard_normal((6, 40)).astype(np.float32)[:, 3:35]         # row stride 40

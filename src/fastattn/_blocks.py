@@ -72,7 +72,7 @@ def _check_eps(eps, name):
 
 
 def _check_activation(activation):
-    if activation not in ACTIVATIONS:
+    if not (isinstance(activation, str) and activation in ACTIVATIONS):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return activation
 
@@ -184,8 +184,11 @@ def linear(x, weight, bias=None, *, activation=None, out=None):
         return _linear(x2, w, b, activation).reshape(shape)
     if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dt:
         raise ValueError(f"out must be a {dt} array of shape {shape}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
     o2 = out.reshape(math.prod(lead), M) if out.flags.c_contiguous else None
-    if o2 is None or np.may_share_memory(out, a):
+    if o2 is None or any(np.may_share_memory(out, t) for t in (a, w, b) if t is not None):
+        # the GEMM would overwrite an operand it still reads: through a temporary
         np.copyto(out, _linear(x2, w, b, activation).reshape(shape))
         return out
     _linear(x2, w, b, activation, out=o2)
@@ -454,6 +457,8 @@ class MultiHeadAttention(_Block):
 
         query_offset: absolute position of query row 0 for `causal` (attention's default,
         None, aligns the last query row with the last valid key)."""
+        if not isinstance(causal, (bool, np.bool_)):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         ob = np.empty((B, Lq, self.num_heads, self.head_dim), self.dtype)     # (B, L, H, D)
         r = attention(q, k, v, mask=mask, key_lengths=key_lengths, causal=causal,
                       query_offset=query_offset if causal else None,
@@ -515,6 +520,9 @@ class MultiHeadAttention(_Block):
             if key is None:
                 key = query
             if value is None:
+                if self.vdim != self.kdim:
+                    raise ValueError(f"value is required when vdim ({self.vdim}) differs from "
+                                     f"kdim ({self.kdim})")
                 value = key
             same = value is key
             k, kub = _input(key, "key", self.kdim, self.dtype)

@@ -23,7 +23,7 @@
 
 from cython.parallel cimport prange
 from libc.string cimport memset
-from libc.math cimport erf, tanh, sqrt
+from libc.math cimport erf, tanh, sqrt, INFINITY
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 cimport numpy as cnp
 import numpy as np
@@ -554,8 +554,9 @@ def linear(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, cnp.ndarray out,
                          f"exceeds the 32-bit BLAS limit 2**31 - 1")
     if L.n == 0 or L.m == 0:
         return out
-    if np.may_share_memory(out, x) or np.may_share_memory(out, weight):
-        raise ValueError("out must not overlap x or weight")
+    if (np.may_share_memory(out, x) or np.may_share_memory(out, weight) or
+            (bias is not None and np.may_share_memory(out, bias))):
+        raise ValueError("out must not overlap x, weight or bias")
     L.x, L.w, L.b, L.out = _data(x), _data(weight), _data(bias), _data(out)
     L.act, L.accumulate = act, accumulate
 
@@ -643,11 +644,16 @@ def add_layernorm(cnp.ndarray x, cnp.ndarray y, cnp.ndarray gamma, cnp.ndarray b
         if a is not None and (a.dtype != dt or (<object>a).shape != (<object>x).shape):
             raise ValueError(f"{name} must have x's shape {(<object>x).shape} and dtype {dt}, "
                              f"got {(<object>a).shape} {a.dtype}")
-    for name, a in (("gamma", gamma), ("beta", beta)):
-        if (a.dtype != dt or a.ndim != 1 or x.ndim != 2 or a.shape[0] != x.shape[1] or
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (N, E), got shape {(<object>x).shape}")
+    # gamma and beta are a LayerNorm's weight and bias
+    for name, a in (("weight (gamma)", gamma), ("bias (beta)", beta)):
+        if (a.dtype != dt or a.ndim != 1 or a.shape[0] != x.shape[1] or
                 (a.shape[0] > 1 and a.strides[0] != a.itemsize)):
-            raise ValueError(f"{name} must be a contiguous ({x.shape[x.ndim - 1]},) {dt} array, "
-                             f"got {(<object>a).shape} {a.dtype}")
+            raise ValueError(f"LayerNorm {name} must be a contiguous ({x.shape[1]},) {dt} "
+                             f"array, got {(<object>a).shape} {a.dtype}")
+    if not 0 <= eps < INFINITY:
+        raise ValueError(f"LayerNorm eps must be finite and >= 0, got {eps}")
     for name, a in (("sum_out", sum_out), ("norm_out", norm_out)):
         if a is not None and not a.flags.writeable:
             raise ValueError(f"{name} is read-only")
