@@ -935,8 +935,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def _weight_tokens(layers):
-    """The weights' identity, one token per block: a block gets a new one whenever one of
-    its weight arrays is replaced (in place changes are not seen)."""
+    """The weights' identity, one token per block: a block gets a new one whenever any of
+    its attributes is set (a weight, eps, the activation; changes in place are not seen)."""
     tokens, todo = [], list(layers)
     while todo:
         b = todo.pop()
