@@ -333,17 +333,16 @@ cdef extern from *:
     #endif
     }
 
-    /* Rows (FF_SMALL_N, FF_PACKED_MAX_N] of a float32 projection: the attention tiles'
-     * micro-kernel (_gemm.h), fed with w packed in blocks of FF_NC rows x FF_KC columns (64
-     * KiB; each 16-column panel of it serves every row of x before the next is read).
-     * SciPy's OpenBLAS (0.3.30) is slow on few-row GEMMs: 1 thread, GF/s, this kernel /
-     * sgemm, medians of 3 processes over (m, k) = (2304, 768), (768, 3072), (1536, 512):
-     * 12 rows 53-58 / 28-29; 24 rows 69-74 / 43; 96 rows 82-87 / 71-73; 256 rows 86-89 /
-     * 81-84; 384 rows 85-90 / 85-87; 1024 rows 83-88 / 89-92.  An output element is the sum,
-     * in order, of its 512-column blocks' partial sums (each one FMA per term), whatever the
-     * other rows or columns of the chunk: threads that split a call give bitwise its
-     * one-thread result.  1 if it ran, 0 if
-     * the caller must use the BLAS. */
+    /* Calls of (FF_SMALL_N, FF_PACKED_MAX_N] rows of a float32 projection: the attention
+     * tiles' micro-kernel (_gemm.h), fed with w packed in blocks of FF_NC rows x FF_KC
+     * columns (64 KiB; each 16-column panel of it serves every row of x before the next is
+     * read).  SciPy's OpenBLAS (0.3.30) is slow on few-row GEMMs: 1 thread, GF/s, this
+     * kernel / sgemm, medians of 3 processes over (m, k) = (2304, 768), (768, 3072),
+     * (1536, 512): 12 rows 53-58 / 28-29; 24 rows 69-74 / 43; 96 rows 82-87 / 71-73; 256
+     * rows 86-89 / 81-84; 384 rows 85-90 / 85-87; 1024 rows 83-88 / 89-92.  An output
+     * element is the sum, in order, of its 512-column blocks' partial sums (each one FMA per
+     * term), whatever the other rows or columns of the chunk: threads that split a call give
+     * bitwise its one-thread result.  1 if it ran, 0 if the caller must use the BLAS. */
     #define FF_PACKED_MAX_N 256
     #define FF_NC 32
     #define FF_KC 512
