@@ -833,9 +833,9 @@ class DecoderCache:
 
     ``length`` (read-only): positions filled so far; ``max_length``; ``batch_size``.  Made by
     ``Decoder.new_cache`` / ``Transformer.new_cache`` / ``DecoderLayer.new_cache``, and used
-    only with that decoder while its weights stay the ones the cache was made with (another
-    decoder, or the same one after ``load_state_dict``, raises ``ValueError``; weights changed
-    in place are not detected).  Steps from several threads on one cache run one at a time.
+    only with that decoder as it was then (another decoder, or the same one after
+    ``load_state_dict`` or any attribute set since, raises ``ValueError``; arrays changed in
+    place are not detected).  Steps from several threads on one cache run one at a time.
     ``copy.copy(cache)`` gives an independent cache (own self-attention buffers, the memory's
     read-only K/V shared), as a beam search that forks a hypothesis needs.
     """
