@@ -248,6 +248,38 @@ def test_accuracy_float64_exp_near_half_ln2():
     assert_matches_reference(q, k, v, scale=1.0)
 
 
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1e36), (np.float64, 1e306)])
+@pytest.mark.parametrize("lq", [1, 40])
+def test_large_scale_scales_the_scores_not_the_query(dtype, scale, lq):
+    """accuracy: a scale above 1 multiplies the scores after Q·Kᵀ: scaling Q first overflowed
+    inside a dot product whose score is finite (30·30 - 30·30 at scale 1e36: NaN), and with a
+    softcap bounding the logits gave a wrong finite answer (1.5 for 1.9933)."""
+    q = np.repeat(np.array([[30.0, -30.0]], dtype), lq, axis=0)
+    k = np.array([[30.0, 30.0], [1.0, 0.0]], dtype)
+    v = np.array([[1.0], [2.0]], dtype)
+    for kw in (dict(scale=scale), dict(scale=scale, softcap=5.0), dict(scale=-scale)):
+        out = fastattn.attention(q, k, v, **kw)
+        want = fastattn.reference_attention(q, k, v, **kw)
+        assert np.isfinite(out).all(), kw
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scales_above_one_match_the_reference(dtype, rng):
+    """accuracy: scales above 1 (applied to the scores) over random shapes and options."""
+    for scale in (1.5, 8.0, 1e3):
+        for kw in ({}, dict(causal=True), dict(softcap=20.0), dict(window=(3, 1))):
+            q, k, v = _qkv(rng, lq=37, lk=130, dtype=dtype)
+            assert_matches_reference(q, k, v, scale=scale, **kw)
+            assert_matches_reference(q[..., :1, :], k, v, scale=scale, **kw)
+
+
+def test_more_than_32_batch_axes_raise_a_clear_error():
+    q = np.zeros((1,) * 33 + (2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="at most 32 batch axes"):
+        fastattn.attention(q, q, q)
+
+
 # ---- masks ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -22,6 +22,7 @@ _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float
 _NATIVE_FLOATS = (_F16, _F32, _F64)
 _UNBOUNDED = 1 << 42        # a window bound that no key index reaches
 _OFFSET_LIMIT = 1 << 40     # query offsets up to this go as they are; beyond, _fold_window
+MAX_BATCH_AXES = 32         # the kernel's limit (NumPy's own is 64 axes in all)
 BLOCK_Q = 256               # query rows per work item
 BLOCK_K = 512               # keys per tile ...
 TILE_ELEMENTS = 1 << 18     # ... fewer for wide heads: a tile's K (or V) stays within this
@@ -150,6 +151,9 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     except ValueError:
         raise ValueError(f"the batch axes of query, key and value do not broadcast: "
                          f"{_shape_str(('query', q), ('key', k), ('value', v))}") from None
+    if len(batch_shape) > MAX_BATCH_AXES:
+        raise ValueError(f"at most {MAX_BATCH_AXES} batch axes are supported, got "
+                         f"{len(batch_shape)}: {_shape_str(('query', q), ('key', k))}")
     if max(lq, lk, d, dv, hq) > INT32_MAX:
         for name, n in (("Lq", lq), ("Lk", lk), ("D", d), ("Dv", dv), ("Hq", hq)):
             if n > INT32_MAX:

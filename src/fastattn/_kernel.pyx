@@ -7,7 +7,8 @@
 #   for each work item (batch b, KV head, chunk of query heads, query block, KV split)  # prange
 #       Qs   = scale * Q[rows]                       pack the block's query rows (R x D)
 #       for each key tile [kb, kb + n) inside the visible key range of the rows
-#           S    = Qs · K[kb:kb+n]ᵀ                   R x n
+#           S    = Qs · K[kb:kb+n]ᵀ                   R x n   (|scale| > 1: times scale here,
+#                                                            not in Qs, where it could overflow)
 #           per row: softcap, hide keys outside [a, e) and where the mask hides them,
 #                    m' = max(m, rowmax); P = exp(S - m'); l = l·exp(m - m') + ΣP
 #           acc  = acc·exp(m - m') + P · V[kb:kb+n]   R x Dv
@@ -31,7 +32,7 @@
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.math cimport INFINITY, isnan, isfinite, exp, tanh
+from libc.math cimport INFINITY, isnan, isfinite, exp, tanh, fabs
 from libc.stdint cimport int64_t, uint8_t, uint16_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 cimport numpy as cnp
@@ -148,6 +149,7 @@ ctypedef struct Problem:
     const int64_t *qoff           # IN (NB,) absolute position of query row 0
     int64_t left, right           # window: p - left <= j <= p + right (huge = unbounded)
     double scale, softcap         # softcap 0: none
+    double post                   # scores x this after Q·Kᵀ (1, or scale when |scale| > 1)
     int *failed                   # set when a thread's scratch cannot be allocated
 
 
@@ -267,8 +269,9 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
     """Rows [ra, rb) of a score tile (keys kb..kb+n; row r at S + (r - ra) lds) become
     probabilities.
 
-    Per row: softcap, keys outside the row's visible interval [a, e) and where the mask hides
-    them go to -inf, the weights output gets the scores, then the online-softmax update:
+    Per row: the scale (when it is applied here, not to Q), softcap, keys outside the row's
+    visible interval [a, e) and where the mask hides them go to -inf, the weights output
+    gets the scores, then the online-softmax update:
     m' = max(m, rowmax), P = exp(S - m') in place (0 at hidden keys), l = l·exp(m - m') + ΣP,
     acc rescaled by exp(m - m').  Returns True when some key of the tile is hidden from some
     row: the P·V product must then guard against non-finite V rows at those keys.
@@ -279,7 +282,7 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
     cdef floating *wbase
     cdef uint8_t *mb
     cdef floating *mf
-    cdef floating mx, m_new, alpha, total, cap = <floating>P.softcap
+    cdef floating mx, m_new, alpha, total, cap = <floating>P.softcap, post = <floating>P.post
     cdef floating ninf = -INFINITY
     cdef bint partial = P.mask != NULL
     for r in range(ra, rb):
@@ -296,6 +299,9 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
         e = clamp(kl - kb, a, e)
         if a > 0 or e < n:
             partial = True
+        if post != 1:
+            for j in range(a, e):
+                row[j] = row[j] * post
         if cap > 0:
             for j in range(a, e):
                 row[j] = cap * tanh(row[j] / cap)
@@ -753,7 +759,11 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
     P.mask_is_bool = mask is not None and cnp.PyArray_ITEMSIZE(mask) == 1
     P.w = data(weights)
     P.left, P.right = left, right
-    P.scale, P.softcap = scale, softcap
+    # a scale above 1 multiplies the scores, not Q: scaled Q's products could overflow where
+    # the scores do not (scale 1e36, q·k = 0 from 30·30 - 30·30); below 1 it shrinks Q,
+    # which keeps large q·k finite
+    P.scale, P.post = (scale, 1.0) if fabs(scale) <= 1 else (1.0, scale)
+    P.softcap = softcap
     P.failed = &failed
 
     # one block for the per-batch tables: offsets of q, k, v, o, mask, then klen, qoff
