@@ -274,10 +274,12 @@ def test_scales_above_one_match_the_reference(dtype, rng):
             assert_matches_reference(q[..., :1, :], k, v, scale=scale, **kw)
 
 
-def test_more_than_32_batch_axes_raise_a_clear_error():
-    q = np.zeros((1,) * 33 + (2, 3, 4), np.float32)
+def test_more_than_32_batch_axes_fail_before_any_work():
+    """validation: the batch-axis limit is checked before the outputs are allocated (here a
+    4 TB weights array, which failed with MemoryError where the limit was checked later)."""
+    q = np.zeros((1,) * 33 + (1, 10**6, 1), np.float32)
     with pytest.raises(ValueError, match="at most 32 batch axes"):
-        fastattn.attention(q, q, q)
+        fastattn.attention(q, q, q, return_weights=True)
 
 
 # ---- masks ---------------------------------------------------------------------------------
