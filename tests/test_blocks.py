@@ -957,3 +957,25 @@ def test_greedy_decode_example_runs():
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "cached and uncached decoding agree" in r.stdout
+
+
+@pytest.mark.parametrize("attr", ["self_attn", "multihead_attn"])
+@pytest.mark.parametrize("kw", [dict(add_zero_attn=True), dict(add_bias_kv=True),
+                                dict(num_heads=4), dict(kdim=6)])
+def test_layer_from_torch_rejects_attention_it_cannot_reproduce(torch, attr, kw):
+    """A layer whose attention module was replaced by one fastattn's layer cannot reproduce
+    (add_zero_attn; cross-attention with other heads: same state-dict shapes) must raise,
+    naming the module, rather than load and give different outputs."""
+    E = 8
+    if attr == "self_attn" and "num_heads" in kw:
+        pytest.skip("the layer takes its heads from self_attn: nothing differs")
+    kw = dict(dict(embed_dim=E, num_heads=2, batch_first=True), **kw)
+    tl = torch.nn.TransformerDecoderLayer(E, 2, 16, dropout=0.0, batch_first=True)
+    setattr(tl, attr, torch.nn.MultiheadAttention(**kw))
+    with pytest.raises(ValueError, match=attr):
+        fastattn.DecoderLayer.from_torch(tl)
+    if attr == "self_attn":
+        te = torch.nn.TransformerEncoderLayer(E, 2, 16, dropout=0.0, batch_first=True)
+        te.self_attn = torch.nn.MultiheadAttention(**kw)
+        with pytest.raises(ValueError, match="self_attn"):
+            fastattn.EncoderLayer.from_torch(te)

@@ -79,7 +79,10 @@ def _index(x, name):
 
 def _int_per_batch(x, name, batch_shape):
     """An int argument broadcast to the batch shape, as an int64 array (not yet clipped)."""
-    a = np.asarray(x)
+    try:
+        a = np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an integer or an integer array: {exc}") from None
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {a.dtype}")
     if a.ndim > len(batch_shape) and all(n == 1 for n in a.shape[: a.ndim - len(batch_shape)]):
@@ -180,8 +183,8 @@ def _prepare(query, key, value, *, mask, causal, query_offset, window, key_lengt
     if mask is not None:
         try:
             m = np.asarray(mask)
-        except ValueError as exc:  # ragged lists
-            raise ValueError(f"mask must be an array: {exc}") from None
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"mask must be a bool or float array: {exc}") from None
         if m.dtype != np.bool_ and m.dtype.kind != "f":
             raise TypeError(f"mask must be a bool or float array, got dtype {m.dtype}")
         try:

@@ -226,6 +226,20 @@ def _torch_activation(act):
                      f"gelu(approximate='tanh')")
 
 
+def _check_torch_mha(mha, name, num_heads=None, embed_dim=None):
+    """Raise ValueError for a torch.nn.MultiheadAttention configuration fastattn cannot
+    reproduce (in a layer: also one that differs from what the layer's block is built with,
+    which its state dict alone does not reveal)."""
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError(f"{name}: add_bias_kv and add_zero_attn are not supported")
+    if num_heads is not None and mha.num_heads != num_heads:
+        raise ValueError(f"{name} has {mha.num_heads} heads, but the layer's self_attn has "
+                         f"{num_heads}: attention blocks of one layer must have the same heads")
+    if embed_dim is not None and not (mha.embed_dim == mha.kdim == mha.vdim == embed_dim):
+        raise ValueError(f"{name}: embed_dim, kdim and vdim must all be d_model = {embed_dim} in "
+                         f"a layer, got {mha.embed_dim}, {mha.kdim}, {mha.vdim}")
+
+
 def _require(module, cls_name):
     import torch.nn as nn
     cls = getattr(nn, cls_name)
@@ -544,8 +558,7 @@ class MultiHeadAttention(_Block):
     @classmethod
     def from_torch(cls, module):
         _require(module, "MultiheadAttention")
-        if module.bias_k is not None or module.add_zero_attn:
-            raise ValueError("add_bias_kv and add_zero_attn are not supported")
+        _check_torch_mha(module, "module")
         m = cls(module.embed_dim, module.num_heads, kdim=module.kdim, vdim=module.vdim,
                 bias=module.in_proj_bias is not None, dtype=_torch_dtype(module))
         return m.load_state_dict(_torch_state(module))
@@ -587,7 +600,12 @@ class _Layer(_Block):
     @classmethod
     def _from_torch_layer(cls, module, torch_name):
         _require(module, torch_name)
-        layer = cls(**cls._torch_kwargs(module))
+        import torch.nn as nn
+        kw = cls._torch_kwargs(module)
+        for name, child in module.named_children():   # self_attn, multihead_attn
+            if isinstance(child, nn.MultiheadAttention):
+                _check_torch_mha(child, name, kw["num_heads"], kw["d_model"])
+        layer = cls(**kw)
         for name, child in layer._children():       # each norm keeps its own eps
             if isinstance(child, LayerNorm):
                 child.eps = _check_eps(getattr(module, name).eps, f"{name}.eps")
