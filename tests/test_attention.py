@@ -266,12 +266,47 @@ def test_large_scale_scales_the_scores_not_the_query(dtype, scale, lq):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scales_above_one_match_the_reference(dtype, rng):
-    """accuracy: scales above 1 (applied to the scores) over random shapes and options."""
-    for scale in (1.5, 8.0, 1e3):
-        for kw in ({}, dict(causal=True), dict(softcap=20.0), dict(window=(3, 1))):
+    """accuracy: scales above 1 (applied to the scores, or inside the exponent) over random
+    shapes and options, float masks and the weights included."""
+    fmask = rng.uniform(-4, 0, (37, 130)).astype(dtype)
+    fmask[::5, ::3] = -np.inf
+    for scale in (1.5, 8.0, 1e3, -3.0):
+        for kw in ({}, dict(causal=True), dict(softcap=20.0), dict(window=(3, 1)),
+                   dict(mask=fmask), dict(mask=fmask > -2)):
             q, k, v = _qkv(rng, lq=37, lk=130, dtype=dtype)
             assert_matches_reference(q, k, v, scale=scale, **kw)
-            assert_matches_reference(q[..., :1, :], k, v, scale=scale, **kw)
+            m1 = dict(kw, mask=kw["mask"][:1]) if "mask" in kw else kw
+            assert_matches_reference(q[..., :1, :], k, v, scale=scale, **m1)
+            out, w = fastattn.attention(q, k, v, scale=scale, return_weights=True, **kw)
+            _, wr = fastattn.reference_attention(q, k, v, scale=scale, return_weights=True,
+                                                 **kw)
+            np.testing.assert_allclose(w, wr, rtol=0, atol=1e3 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("lq, lk", [(1, 5), (40, 5), (1, 3000), (40, 300)])
+def test_scores_beyond_the_dtype_range_stay_finite(dtype, lq, lk, rng):
+    """accuracy: scale · q·k beyond float32's range, with a softmax the float64 reference
+    computes finitely: without a softcap the scale goes inside the exponent,
+    exp(|scale| (s - m)), so no score overflows (they did: inf - inf gave NaN; audit).  At
+    scale 1e38 the softmax is one-hot at each row's largest visible score.  Paths: streamed
+    (Lq = 1; with Lk = 3000 the keys split across work items), micro-kernel (Lq = 40)."""
+    q = np.array([[1.0, 2.0]], dtype)
+    k = np.array([[1.0, 0.0], [0.0, 1.0]], dtype)
+    v = np.array([[1.0], [2.0]], dtype)
+    for scale, want in ((2e38, 2.0), (-2e38, 1.0)):
+        np.testing.assert_array_equal(fastattn.attention(q, k, v, scale=scale), [[want]])
+    q, k, v = (rand(rng, (1, 1, n, 16), dtype) for n in (lq, lk, lk))
+    fmask = rng.uniform(-1, 0, (lq, lk)).astype(dtype)
+    fmask[:, ::7] = -np.inf
+    for scale in (1e38, -1e38):
+        for kw in ({}, dict(causal=True, query_offset=lk // 2), dict(mask=fmask)):
+            out, w = fastattn.attention(q, k, v, scale=scale, return_weights=True, **kw)
+            ref, wr = fastattn.reference_attention(q, k, v, scale=scale, return_weights=True,
+                                                   **kw)
+            np.testing.assert_array_equal(w, wr.astype(dtype))     # one-hot
+            np.testing.assert_array_equal(out, ref.astype(dtype))
+            np.testing.assert_array_equal(fastattn.attention(q, k, v, scale=scale, **kw), out)
 
 
 def test_more_than_32_batch_axes_fail_before_any_work():

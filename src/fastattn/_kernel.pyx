@@ -7,11 +7,12 @@
 #   for each work item (batch b, KV head, chunk of query heads, query block, KV split)  # prange
 #       Qs   = scale * Q[rows]                       pack the block's query rows (R x D)
 #       for each key tile [kb, kb + n) inside the visible key range of the rows
-#           S    = Qs · K[kb:kb+n]ᵀ                   R x n   (|scale| > 1: times scale here,
-#                                                            not in Qs, where it could overflow)
+#           S    = Qs · K[kb:kb+n]ᵀ                   R x n
 #           per row: softcap, hide keys outside [a, e) and where the mask hides them,
 #                    m' = max(m, rowmax); P = exp(S - m'); l = l·exp(m - m') + ΣP
 #           acc  = acc·exp(m - m') + P · V[kb:kb+n]   R x Dv
+#       (|scale| > 1 is not applied to Qs, where it could overflow: it multiplies S before
+#       the softcap, or without one every exponent, exp(|scale| (S - m)))
 #       O[rows] = acc / l    (0 where l == 0: the row saw no key)
 #
 # A row's visible keys from causal / window / key_lengths form one interval [lo, hi), so key
@@ -32,7 +33,7 @@
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.math cimport INFINITY, isnan, isfinite, exp, tanh, fabs
+from libc.math cimport INFINITY, isnan, isfinite, exp, tanh, fabs, copysign
 from libc.stdint cimport int64_t, uint8_t, uint16_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 cimport numpy as cnp
@@ -46,8 +47,8 @@ ctypedef fused floating:
 cdef extern from "_simd.h" nogil:
     float fa_max_f32(const float *x, Py_ssize_t n)
     double fa_max_f64(const double *x, Py_ssize_t n)
-    float fa_expsum_f32(float *x, Py_ssize_t n, float m)
-    double fa_expsum_f64(double *x, Py_ssize_t n, double m)
+    float fa_expsum_f32(float *x, Py_ssize_t n, float m, float k)
+    double fa_expsum_f64(double *x, Py_ssize_t n, double m, double k)
     void fa_qk_f32(const float *K, Py_ssize_t ldk, Py_ssize_t n, const float *Q, Py_ssize_t D,
                    Py_ssize_t R, float *S, Py_ssize_t lds, const char *pf, Py_ssize_t pf_ld,
                    Py_ssize_t pf_row)
@@ -149,7 +150,9 @@ ctypedef struct Problem:
     const int64_t *qoff           # IN (NB,) absolute position of query row 0
     int64_t left, right           # window: p - left <= j <= p + right (huge = unbounded)
     double scale, softcap         # softcap 0: none
-    double post                   # scores x this after Q·Kᵀ (1, or scale when |scale| > 1)
+    double post                   # scores x this after Q·Kᵀ (1, or the scale, as is ...
+    double ex                     # ... this inside the exponent, P = exp(ex (S - m)): see
+                                  # attention_forward
     int *failed                   # set when a thread's scratch cannot be allocated
 
 
@@ -222,12 +225,13 @@ cdef inline floating row_max(const floating *x, Py_ssize_t n) noexcept nogil:
         return fa_max_f64(x, n)
 
 
-cdef inline floating row_expsum(floating *x, Py_ssize_t n, floating m) noexcept nogil:
-    """x := exp(x - m) in place; returns the sum."""
+cdef inline floating row_expsum(floating *x, Py_ssize_t n, floating m,
+                                floating k) noexcept nogil:
+    """x := exp((x - m) k) in place; returns the sum."""
     if floating is float:
-        return fa_expsum_f32(x, n, m)
+        return fa_expsum_f32(x, n, m, k)
     else:
-        return fa_expsum_f64(x, n, m)
+        return fa_expsum_f64(x, n, m, k)
 
 
 cdef inline Py_ssize_t clamp(int64_t x, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -283,6 +287,7 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
     cdef uint8_t *mb
     cdef floating *mf
     cdef floating mx, m_new, alpha, total, cap = <floating>P.softcap, post = <floating>P.post
+    cdef floating ex = <floating>P.ex
     cdef floating ninf = -INFINITY
     cdef bint partial = P.mask != NULL
     for r in range(ra, rb):
@@ -316,8 +321,10 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
                 for j in range(a, e):
                     if mf[j * P.m_sk] == ninf:
                         row[j] = ninf
-                    else:
+                    elif ex == 1:
                         row[j] = row[j] + mf[j * P.m_sk]
+                    else:       # the mask in the scores' units: ex (S + M / ex) = ex S + M
+                        row[j] = row[j] + mf[j * P.m_sk] / ex
         if P.w != NULL:
             wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk + kb
             for j in range(n):
@@ -336,11 +343,11 @@ cdef bint scores_to_probs(const Problem *P, Py_ssize_t b, Py_ssize_t h0, Py_ssiz
             memset(row, 0, a * sizeof(floating))
         if e < n:
             memset(row + e, 0, (n - e) * sizeof(floating))
-        total = row_expsum(row + a, e - a, m_new)
+        total = row_expsum(row + a, e - a, m_new, ex)
         if mrow[r] == ninf:     # the row's first visible keys: acc and l are still 0
             lrow[r] = total
         else:
-            alpha = exp(mrow[r] - m_new)
+            alpha = exp((mrow[r] - m_new) * ex)
             lrow[r] = lrow[r] * alpha + total
             if alpha != 1:
                 for c in range(Dv):
@@ -553,7 +560,7 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
     cdef char *vbase = P.v + (P.v_boff[b] + hk * P.v_sh) * kvsize
     cdef floating *wbase = NULL
     cdef floating *src
-    cdef floating inv = 0
+    cdef floating inv = 0, ex = <floating>P.ex
     cdef floating scale = <floating>P.scale
     cdef floating ninf = -INFINITY
     cdef Py_ssize_t r, c, j, h, i
@@ -602,7 +609,7 @@ cdef void process_item(const Problem *P, Py_ssize_t w, floating *scratch) noexce
         if P.w != NULL:
             wbase = <floating *>P.w + ((b * P.hq + h) * P.lq + i) * P.lk
             for j in range(lo, hi):
-                wbase[j] = exp(wbase[j] - mrow[r]) * inv if lrow[r] != 0 else 0
+                wbase[j] = exp((wbase[j] - mrow[r]) * ex) * inv if lrow[r] != 0 else 0
 
 
 cdef void merge_row(const Problem *P, Py_ssize_t t, floating dummy) noexcept nogil:
@@ -613,7 +620,7 @@ cdef void merge_row(const Problem *P, Py_ssize_t t, floating dummy) noexcept nog
     cdef Py_ssize_t b = t // (P.lq * P.hq)
     cdef floating *part = <floating *>P.part + t * ns * (2 + Dv)
     cdef floating *o = <floating *>P.o + P.o_boff[b] + h * P.o_sh + i * P.o_sl
-    cdef floating M = -INFINITY, L = 0, f
+    cdef floating M = -INFINITY, L = 0, f, ex = <floating>P.ex
     for s in range(ns):
         if part[s * (2 + Dv)] > M or isnan(part[s * (2 + Dv)]):
             M = part[s * (2 + Dv)]
@@ -624,7 +631,7 @@ cdef void merge_row(const Problem *P, Py_ssize_t t, floating dummy) noexcept nog
     for s in range(ns):
         if part[s * (2 + Dv)] == -INFINITY:
             continue
-        f = exp(part[s * (2 + Dv)] - M)
+        f = exp((part[s * (2 + Dv)] - M) * ex)
         L += f * part[s * (2 + Dv) + 1]
         for c in range(Dv):
             o[c * P.o_sd] += f * part[s * (2 + Dv) + 2 + c]
@@ -759,10 +766,18 @@ def attention_forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray o
     P.mask_is_bool = mask is not None and cnp.PyArray_ITEMSIZE(mask) == 1
     P.w = data(weights)
     P.left, P.right = left, right
-    # a scale above 1 multiplies the scores, not Q: scaled Q's products could overflow where
-    # the scores do not (scale 1e36, q·k = 0 from 30·30 - 30·30); below 1 it shrinks Q,
-    # which keeps large q·k finite
-    P.scale, P.post = (scale, 1.0) if fabs(scale) <= 1 else (1.0, scale)
+    # Up to 1 the scale shrinks Q, which keeps large q·k finite.  A larger one would overflow
+    # Q's products where the scores do not (scale 1e36, q·k = 30·30 - 30·30 = 0), or the
+    # scores themselves where the softmax does not (2e38 · 2 in float32): without a softcap
+    # it goes inside the exponent, P = exp(|scale| (S - m)) with S and m in q·k units (Q
+    # negated for a negative scale, exactly); with one it multiplies the scores before the
+    # tanh, which bounds them.
+    P.scale, P.post, P.ex = scale, 1.0, 1.0
+    if fabs(scale) > 1:
+        if softcap > 0:
+            P.scale, P.post = 1.0, scale
+        else:
+            P.scale, P.ex = copysign(1.0, scale), fabs(scale)
     P.softcap = softcap
     P.failed = &failed
 
@@ -851,11 +866,11 @@ def convert_half(cnp.ndarray src, cnp.ndarray dst):
     return bool(done)
 
 
-def py_row_expsum(floating[::1] x, floating m):
-    """x := exp(x - m) in place with the selected implementation; returns the sum."""
+def py_row_expsum(floating[::1] x, floating m, floating k=1):
+    """x := exp((x - m) k) in place with the selected implementation; returns the sum."""
     if x.shape[0] == 0:
         return 0.0
-    return row_expsum(&x[0], x.shape[0], m)
+    return row_expsum(&x[0], x.shape[0], m, k)
 
 
 def py_row_max(floating[::1] x):

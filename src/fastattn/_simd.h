@@ -22,8 +22,9 @@
 
 typedef float (*fa_max_f32_t)(const float *x, ptrdiff_t n);
 typedef double (*fa_max_f64_t)(const double *x, ptrdiff_t n);
-typedef float (*fa_expsum_f32_t)(float *x, ptrdiff_t n, float m);
-typedef double (*fa_expsum_f64_t)(double *x, ptrdiff_t n, double m);
+/* x := exp((x - m) k) in place; returns the sum (k = 1: exp(x - m), bit for bit) */
+typedef float (*fa_expsum_f32_t)(float *x, ptrdiff_t n, float m, float k);
+typedef double (*fa_expsum_f64_t)(double *x, ptrdiff_t n, double m, double k);
 /* The Q·Kᵀ kernels also fetch rows [0, n) of another matrix into the cache as K streams
  * (row j at pf + j * pf_ld, pf_row bytes; pf NULL: none): the V rows the P·V pass reads next. */
 typedef void (*fa_qk_f32_t)(const float *K, ptrdiff_t ldk, ptrdiff_t n, const float *Q,
@@ -73,15 +74,15 @@ static double fa_max_f64_scalar(const double *x, ptrdiff_t n) {
     return m;
 }
 
-static float fa_expsum_f32_scalar(float *x, ptrdiff_t n, float m) {
+static float fa_expsum_f32_scalar(float *x, ptrdiff_t n, float m, float k) {
     float s = 0.0f;
-    for (ptrdiff_t i = 0; i < n; i++) { x[i] = expf(x[i] - m); s += x[i]; }
+    for (ptrdiff_t i = 0; i < n; i++) { x[i] = expf((x[i] - m) * k); s += x[i]; }
     return s;
 }
 
-static double fa_expsum_f64_scalar(double *x, ptrdiff_t n, double m) {
+static double fa_expsum_f64_scalar(double *x, ptrdiff_t n, double m, double k) {
     double s = 0.0;
-    for (ptrdiff_t i = 0; i < n; i++) { x[i] = exp(x[i] - m); s += x[i]; }
+    for (ptrdiff_t i = 0; i < n; i++) { x[i] = exp((x[i] - m) * k); s += x[i]; }
     return s;
 }
 
@@ -146,12 +147,14 @@ FA_AVX2 static double fa_max_f64_avx2(const double *x, ptrdiff_t n) {
     return r;
 }
 
-FA_AVX2 static float fa_expsum_f32_avx2(float *x, ptrdiff_t n, float m) {
-    const __m256 mv = _mm256_set1_ps(m);
+FA_AVX2 static float fa_expsum_f32_avx2(float *x, ptrdiff_t n, float m, float k) {
+    const __m256 mv = _mm256_set1_ps(m), kv = _mm256_set1_ps(k);
+    const int scaled = k != 1;          /* k = 1 (nearly always): no multiply on the FP pipes */
     __m256 s = _mm256_setzero_ps();
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 p = fa_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
+        __m256 p = fa_exp8(scaled ? _mm256_mul_ps(d, kv) : d);
         _mm256_storeu_ps(x + i, p);
         s = _mm256_add_ps(s, p);
     }
@@ -160,7 +163,7 @@ FA_AVX2 static float fa_expsum_f32_avx2(float *x, ptrdiff_t n, float m) {
         __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), lane);
         __m256 v = _mm256_maskload_ps(x + i, keep);
         v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(keep));
-        __m256 p = fa_exp8(_mm256_sub_ps(v, mv));
+        __m256 p = fa_exp8(_mm256_mul_ps(_mm256_sub_ps(v, mv), kv));
         _mm256_maskstore_ps(x + i, keep, p);
         s = _mm256_add_ps(s, p);
     }
@@ -170,12 +173,14 @@ FA_AVX2 static float fa_expsum_f32_avx2(float *x, ptrdiff_t n, float m) {
     return _mm_cvtss_f32(h);
 }
 
-FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
-    const __m256d mv = _mm256_set1_pd(m);
+FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m, double k) {
+    const __m256d mv = _mm256_set1_pd(m), kv = _mm256_set1_pd(k);
+    const int scaled = k != 1;
     __m256d s = _mm256_setzero_pd();
     ptrdiff_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        __m256d p = fa_exp4(_mm256_sub_pd(_mm256_loadu_pd(x + i), mv));
+        __m256d d = _mm256_sub_pd(_mm256_loadu_pd(x + i), mv);
+        __m256d p = fa_exp4(scaled ? _mm256_mul_pd(d, kv) : d);
         _mm256_storeu_pd(x + i, p);
         s = _mm256_add_pd(s, p);
     }
@@ -184,7 +189,7 @@ FA_AVX2 static double fa_expsum_f64_avx2(double *x, ptrdiff_t n, double m) {
         __m256i keep = _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(n - i)), lane);
         __m256d v = _mm256_maskload_pd(x + i, keep);
         v = _mm256_blendv_pd(_mm256_set1_pd(-INFINITY), v, _mm256_castsi256_pd(keep));
-        __m256d p = fa_exp4(_mm256_sub_pd(v, mv));
+        __m256d p = fa_exp4(_mm256_mul_pd(_mm256_sub_pd(v, mv), kv));
         _mm256_maskstore_pd(x + i, keep, p);
         s = _mm256_add_pd(s, p);
     }
