@@ -33,7 +33,8 @@ import time
 import numpy as np
 
 import fastattn
-from fastattn.bench import _positive_arg, _threads_arg
+from fastattn.bench import (BLOCKS_SECTION, _check_output, _positive_arg, _threads_arg,
+                            command_line)
 
 TARGETS = {"encoder_layer": 1.0, "stack": 6.3, "decode": 20.0}
 
@@ -146,25 +147,22 @@ def bench_decode(torch, repeats, steps=32):
             "floor_ms": floor * 1e3, "floor_speedup": t_torch / floor}
 
 
-SECTION = "## Transformer blocks (issue 3), from `bench/bench_blocks.py`"
-
-
-def write_markdown(path, table, ok, decoded=True):
+def write_markdown(path, table, ok, command, decoded=True):
     """Replace (or append) the blocks section of the results file."""
     import datetime
     import os
     text = open(path).read() if os.path.exists(path) else ""
-    if SECTION in text:
-        text = text[:text.index(SECTION)].rstrip() + "\n"
+    if BLOCKS_SECTION in text:
+        text = text[:text.index(BLOCKS_SECTION)].rstrip() + "\n"
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     verdict = ("Some targets missed." if not ok else "All targets met." if decoded else
                "The targets measured were met; the decode target was not measured "
                "(--skip-decode).")
     text += f"""
-{SECTION}
+{BLOCKS_SECTION}
 
 ```
-env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_blocks.py --threads 1,2 --markdown bench/RESULTS.md
+{command}
 ```
 
 Run of {when}, on the same machine; fastattn and torch.nn with the same weights in one
@@ -193,8 +191,15 @@ def main(argv=None):
     ap.add_argument("--markdown", metavar="PATH",
                     help="write the table into this Markdown file (bench/RESULTS.md), replacing "
                          "its blocks section")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    import torch
+    if args.markdown == "-":
+        ap.error("--markdown: give a file path")
+    _check_output(ap, args.markdown, "--markdown")      # before minutes of work, not after
+    try:
+        import torch
+    except ImportError as exc:
+        ap.error(f"torch is needed (the blocks are timed against torch.nn): {exc}")
 
     threads = args.threads
     rows = []
@@ -231,7 +236,9 @@ def main(argv=None):
     print()
     print("\n".join(lines))
     if args.markdown:
-        write_markdown(args.markdown, lines, ok, decoded=not args.skip_decode)
+        write_markdown(args.markdown, lines, ok,
+                       command_line(argv, "python bench/bench_blocks.py"),
+                       decoded=not args.skip_decode)
     print(("\nall targets met" if ok else "\nsome targets missed")
           + ("" if not args.skip_decode else " (the decode target not measured: --skip-decode)"))
     return 0

@@ -34,7 +34,14 @@ def test_parse_shape_and_errors():
 @pytest.mark.parametrize("argv", [["--shapes", "1,3,4,4,8,8,2"], ["--shapes", "1,2,4,4,8,8,4"],
                                   ["--threads", "5000"], ["--settle", "-1"],
                                   ["--json", "/proc/no/such/dir/x.json"], ["--json", "/"],
-                                  ["--markdown", "/proc/no/such/dir/x.md"]])
+                                  ["--markdown", "/proc/no/such/dir/x.md"],
+                                  ["--json", "-"], ["--plot", "-"],
+                                  ["--dtype", "float8"], ["--dtype", ""],
+                                  ["--peers", "nosuchpeer"], ["--repeats", "0"],
+                                  ["--repeats", "-3"], ["--full"],
+                                  ["--shapes", "1,,4,16,16,8"],
+                                  ["--shapes", "100000,100000,100000,100000,1000"],
+                                  ["--shapes", "1,1,8,8,8", "--window=2,-5"]])
 def test_bad_options_stop_with_a_usage_error_before_any_run(argv, capsys):
     """an option the run cannot use (GQA heads that do not divide, a thread count above the
     limit, a negative sleep, an output path that cannot be written) stops at once with
@@ -43,6 +50,18 @@ def test_bad_options_stop_with_a_usage_error_before_any_run(argv, capsys):
         bench.main(["--quick"] + argv)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_shape_fields_do_not_shift_and_threads_are_sorted():
+    """an empty Dv field (B,H,Lq,Lk,D,,Hkv) means Dv = D: it was dropped, and Hkv became Dv;
+    thread counts run in ascending order, each once"""
+    assert bench.parse_shape("1,4,16,16,8,,2") == dict(B=1, Hq=4, Lq=16, Lk=16, D=8, Dv=8,
+                                                       Hkv=2)
+    assert bench.parse_shape("1x4x16x16x8x") == dict(B=1, Hq=4, Lq=16, Lk=16, D=8)
+    for bad in ("1,,4,16,16,8", "1,4,16,16,8,,"  ",2,3"):
+        with pytest.raises(Exception):
+            bench.parse_shape(bad)
+    assert bench._threads_arg("2,1,2") == (1, 2)
 
 
 def test_default_suite_covers_target_rows():
@@ -76,6 +95,20 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     assert "1x2x16x16x8" in printed
 
 
+def test_markdown_keeps_the_blocks_section(tmp_path):
+    """--markdown bench/RESULTS.md (the README's command) rewrote the whole file and deleted
+    the section bench/bench_blocks.py had written into it"""
+    md = tmp_path / "R.md"
+    section = "## Transformer blocks (issue 3), from `bench/bench_blocks.py`"
+    blocks = section + "\n\n| threads | ... |\n| 1 | 170.4 / 172.7 |\n"
+    md.write_text("# old report\n\nold rows\n\n" + blocks)
+    assert bench.main(["--shapes", "1,1,8,8,8", "--quick", "--threads", "1", "--peers", "",
+                       "--json", "", "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "old rows" not in text and "1x1x8x8x8" in text
+    assert text.count(section) == 1 and "| 1 | 170.4 / 172.7 |" in text
+
+
 def test_run_without_one_thread(tmp_path):
     """A run at thread counts without 1 (no 1-thread rows, no 1-thread ceilings) reports."""
     out = tmp_path / "r.json"
@@ -95,6 +128,28 @@ def test_capped_callable_does_not_use_up_the_budget():
         _, samples, _ = bench.time_interleaved(calls, 6, min_sample=0.0, budget=0.05,
                                                min_repeats=3, capped=capped)
         assert len(samples["fast"]) == want and len(samples["slow"]) == 3
+
+
+def test_a_peer_that_fails_is_n_a_not_the_end_of_the_run(monkeypatch):
+    """a peer raising on its first call (onnxruntime could not allocate the 34 GB of scores
+    of 1x2x65536x65536x1, which fastattn runs in little memory) ended the whole run with a
+    traceback and no JSON; now the peer is n/a with the reason, and a shape whose scores
+    exceed the memory is refused before onnxruntime is asked"""
+    def failing(case, n, q, k, v):
+        def call():
+            raise RuntimeError("Failed to allocate memory for requested buffer")
+        return call, ""
+    monkeypatch.setitem(bench.MAKERS, "reference", failing)
+    opts = bench.Options(threads=(1,), repeats=2, min_sample=0.0, settle=0.0,
+                         peers=("reference",))
+    (row,) = bench.run_case(bench.Case(1, 1, 8, 8, 8), opts)
+    assert "reference" not in row["ratio"] and "allocate" in row["unavailable"]["reference"]
+    assert bench._fmt_ratio(row, "reference") == "n/a"
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    big = bench.Case(1, 8, 65536, 65536, 8)          # 137 GB of scores; nothing is allocated
+    f, why = bench.make_onnxruntime(big, 1, None, None, None)
+    assert f is None and "GB of scores" in why
 
 
 def test_interleaving_varies_each_callables_predecessor():
@@ -152,12 +207,34 @@ def test_a_ceiling_fraction_far_above_one_is_not_met():
     row = dict(target="a", shape="8x12x512x512x64", dtype="float32", mode="full", threads=2,
                time=0.1, gflops=60.0, ratio={}, decode=False)
     res = {"rows": [row], "sgemm": {"2": {"gflops": 4.1}}, "bandwidth": {}}
-    (t,) = bench.evaluate(res)
+
+    def ceiling_criterion():
+        (t,) = [t for t in bench.evaluate(res) if "of sgemm" in t["what"]]
+        return t
+    t = ceiling_criterion()
     assert t["met"] is False and "ceiling was measured too low" in t["measured"]
     res["sgemm"]["2"]["gflops"] = 80.0
-    assert bench.evaluate(res)[0]["met"] is True
+    assert ceiling_criterion()["met"] is True
     res["sgemm"]["2"]["gflops"] = 57.0                 # 1.05 of the ceiling
-    assert bench.evaluate(res)[0]["met"] is True
+    assert ceiling_criterion()["met"] is True
+
+
+def test_a_peer_criterion_not_measured_is_not_met():
+    """a target row whose peer did not run (not installed, failed) left its ratio criteria
+    out of the count, so the summary read 'N of N met' over fewer criteria"""
+    row = {"target": "d", "shape": "8x12x1x1024x64", "threads": 1, "gbs": 20.0,
+           "ratio": {}, "unavailable": {"torch": "not installed"}, "cpu_share": 1.0}
+    res = {"rows": [row], "bandwidth": {}, "sgemm": {}}
+    (t,) = bench.evaluate(res)
+    assert t["met"] is False and "not measured" in t["measured"] and "installed" in t["measured"]
+
+
+def test_a_failed_memory_subprocess_is_a_miss():
+    """row h whose subprocess failed was dropped from the criteria ('N of N met')"""
+    res = {"rows": [], "memory": [{"runner": "fastattn", "threads": 1,
+                                   "shape": "1x1x16384x16384x64", "error": "boom"}]}
+    (t,) = bench.evaluate(res)
+    assert t["target"] == "h" and t["met"] is False and "boom" in t["measured"]
 
 
 def test_markdown_marks_miss_loudly():
@@ -176,6 +253,16 @@ def test_memory_child_reports_extra_rss(capsys):
     bench._memory_child(spec)
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.isfinite(r["extra_mb"]) and r["extra_mb"] < 64
+
+
+def test_memory_subprocess_does_not_need_a_writable_bench_out(tmp_path, monkeypatch):
+    """the memory child checked (and created) the default --json path bench/out/ in the
+    current directory: where that cannot be written, row h was an error (and its criterion
+    left the targets) although the child writes nothing"""
+    (tmp_path / "bench").write_text("a file, so bench/out cannot be created")
+    monkeypatch.chdir(tmp_path)
+    (m,) = bench.memory(bench.Case(1, 1, 64, 64, 8), [1])
+    assert "extra_mb" in m, m
 
 
 def test_collision_without_threadpoolctl_says_so(monkeypatch):
@@ -201,3 +288,40 @@ def test_blocks_benchmark_refuses_bad_options(argv):
     r = subprocess.run([sys.executable, str(script)] + argv, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "error:" in r.stderr, r.stderr
+
+
+def test_blocks_benchmark_checks_markdown_and_torch_first_and_records_its_command(tmp_path):
+    """bench/bench_blocks.py: an unwritable --markdown path was a traceback after the whole
+    run, a missing torch a bare ImportError, and the section it writes gave the command
+    '--threads 1,2 --markdown bench/RESULTS.md' whatever the run's options were"""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_blocks.py"
+    quick = ["--skip-decode", "--repeats", "1", "--threads", "1"]
+
+    def run(argv, env=None):
+        return subprocess.run([sys.executable, str(script)] + quick + argv, capture_output=True,
+                              text=True, timeout=300, env=env)
+    r = run(["--markdown", "/proc/no/such/dir/x.md"])
+    assert r.returncode == 2 and "--markdown" in r.stderr, r.stderr[-300:]
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class B:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('no torch here', name='torch')\n"
+        "sys.meta_path.insert(0, B())\n")
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(block)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    r = run([], env=env)
+    assert r.returncode == 2 and "torch" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    pytest.importorskip("torch")
+    md = tmp_path / "R.md"
+    r = run(["--markdown", str(md)])
+    assert r.returncode == 0, r.stderr[-300:]
+    assert "python bench/bench_blocks.py --skip-decode --repeats 1 --threads 1 --markdown" \
+        in md.read_text()

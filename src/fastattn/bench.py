@@ -147,20 +147,49 @@ class Case:
 
 
 def parse_shape(text):
-    """'B,H,Lq,Lk,D[,Dv][,Hkv]' -> dict of Case fields."""
+    """'B,H,Lq,Lk,D[,Dv][,Hkv]' -> dict of Case fields (an empty Dv, as in 'B,H,Lq,Lk,D,,Hkv',
+    means Dv = D; any other empty field is an error, not a shift of the fields after it)."""
+    usage = f"bad shape {text!r}: expected B,H,Lq,Lk,D[,Dv][,Hkv]"
+    fields = [x.strip() for x in text.replace("x", ",").split(",")]
+    while fields and not fields[-1]:
+        fields.pop()                                   # a trailing separator
+    if len(fields) == 7 and not fields[5]:
+        fields[5] = fields[4]                          # B,H,Lq,Lk,D,,Hkv: Dv = D
     try:
-        nums = [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
+        nums = [int(x) for x in fields]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected B,H,Lq,Lk,D[,Dv][,Hkv]")
+        raise argparse.ArgumentTypeError(usage + " (integers, no empty field)") from None
     if not 5 <= len(nums) <= 7 or min(nums) < 1:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected B,H,Lq,Lk,D[,Dv][,Hkv] "
-                                         "of positive integers")
+        raise argparse.ArgumentTypeError(usage + " of positive integers")
     names = ("B", "Hq", "Lq", "Lk", "D", "Dv", "Hkv")
     if len(nums) == 7 and nums[1] % nums[6]:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: the query heads H = {nums[1]} "
                                          f"must be a multiple of the key/value heads Hkv = "
                                          f"{nums[6]}")
     return dict(zip(names, nums))
+
+
+def _mem_available():
+    """Bytes of memory available to a new allocation (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _input_bytes(case):
+    """Peak bytes of one case's q, k, v (drawn in float32, then cast) and fastattn's output."""
+    n_in = (case.B * case.Hq * case.Lq * case.D + case.B * case.Hkv * case.Lk * (case.D + case.Dv))
+    n_out = case.B * case.Hq * case.Lq * case.Dv
+    item = np.dtype(case.dtype).itemsize
+    return n_in * item + (4 * n_in if item != 4 else 0) + n_out * item
 
 
 PREFILL = [(8, 12, 512, 512, 64), (4, 8, 1024, 1024, 128), (1, 16, 2048, 2048, 64)]
@@ -311,6 +340,12 @@ def make_onnxruntime(case, n, q, k, v):
     vis = _peer_visibility(case)
     if vis is None:
         return None, "needs a materialised mask"
+    # ORT's CPU Attention materialises all B x H x Lq x Lk scores (136 MB at 1x8x2048x2048):
+    # a shape fastattn runs in little memory would fail (or exhaust the machine) in ORT
+    scores = case.B * case.Hq * case.Lq * case.Lk * max(4, np.dtype(case.dtype).itemsize)
+    avail = _mem_available()
+    if avail is not None and scores > avail // 4:
+        return None, f"would materialise {scores / 1e9:.3g} GB of scores"
     so = ort.SessionOptions()
     so.intra_op_num_threads = n
     so.inter_op_num_threads = 1
@@ -372,7 +407,7 @@ OPENBLAS_SPIN_S = 0.15
 
 
 def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, min_repeats=3,
-                     settle_after=None, capped=()):
+                     settle_after=None, capped=(), optional=(), errors=None):
     """Median seconds per call of each callable, repeats interleaved: round r runs them in
     an order rotated by r, reversed on odd rounds (rotation alone gave every callable the
     same predecessor in every round: fastattn at 2 threads always ran right after the NumPy
@@ -382,14 +417,23 @@ def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, m
     after each sample of that callable.  budget: seconds after which no new round starts
     (once there are min_repeats); capped: callables sampled min_repeats times only, whose
     time the budget does not count (the slow NumPy reference: it took the whole budget of
-    the decode rows, which then had three samples each).
+    the decode rows, which then had three samples each).  optional: callables (the peers)
+    whose first call may raise: they are dropped and `errors` gets {name: message}.
     Returns ({name: median}, {name: [samples]}, {name: first output})."""
     settle_after = settle_after or {}
     names = list(calls)
     first, per = {}, {}
+    errors = {} if errors is None else errors
     for name in names:                 # warm-up; also sizes the number of calls per sample
         t0 = time.perf_counter()
-        first[name] = calls[name]()
+        try:
+            first[name] = calls[name]()
+        except Exception as exc:       # a peer that cannot run the call: n/a, not the run's end
+            if name not in optional:
+                raise
+            errors[name] = (f"failed: {type(exc).__name__}: "
+                            + (str(exc).strip().splitlines() or [""])[0][:120])
+            continue
         dt = time.perf_counter() - t0
         # a first call can wait milliseconds for a sleeping thread or core to wake: a sample
         # sized by it alone holds a few calls, each paying that wake-up after the settle sleep
@@ -405,6 +449,7 @@ def time_interleaved(calls, repeats, min_sample=0.02, settle=0.0, budget=None, m
         per[name] = max(1, min(100000, int(math.ceil(min_sample / max(dt, 1e-7)))))
         if settle_after.get(name):     # else the first round's first sample pays for it
             time.sleep(settle_after[name])
+    names = [name for name in names if name not in errors]
     samples = {name: [] for name in names}
     spent = 0.0                        # the time the budget counts
     for r in range(repeats):
@@ -538,9 +583,10 @@ def run_case(case, opts, res=None):
                     calls[peer] = f
             cpu0, wall0 = time.process_time(), time.perf_counter()
             after = {"reference": OPENBLAS_SPIN_S} if n > 1 else {}
-            med, samples, first = time_interleaved(calls, opts.repeats, opts.min_sample,
-                                                   opts.settle, opts.budget,
-                                                   settle_after=after, capped=("reference",))
+            med, samples, first = time_interleaved(
+                calls, opts.repeats, opts.min_sample, opts.settle, opts.budget,
+                settle_after=after, capped=("reference",),
+                optional=tuple(p for p in calls if p in MAKERS), errors=unavailable)
             # CPU time this process got, per requested core, outside the settle sleeps: well
             # below 1 means other jobs took the cores (spinning threads count as CPU, so near
             # 1 does not prove quiet)
@@ -671,8 +717,9 @@ def memory(case, threads, runners=("fastattn",)):
                              "D": case.D, "Dv": case.Dv, "Hkv": case.Hkv, "dtype": case.dtype,
                              "causal": case.causal},
                     "threads": n, "runner": runner}
-            p = subprocess.run([sys.executable, "-m", "fastattn.bench", "--_memory-child",
-                                json.dumps(spec)], capture_output=True, text=True)
+            p = subprocess.run([sys.executable, "-m", "fastattn.bench", "--json", "",
+                                "--_memory-child", json.dumps(spec)],
+                               capture_output=True, text=True)
             try:
                 r = json.loads(p.stdout.strip().splitlines()[-1])
             except (IndexError, ValueError):
@@ -809,8 +856,17 @@ def evaluate(res):
     nmax = max(thr) if thr else 1
     out = []
 
-    def ratio(r, peer):
-        return r["ratio"].get(peer) if r else None
+    def vs_peer(target, what, r, peer, need):
+        """A ratio criterion of a row that ran; not measured (the peer missing or failing)
+        counts as not met, so the summary cannot read 'N of N' over fewer criteria."""
+        if r is None:
+            return
+        x = r["ratio"].get(peer)
+        if x is None:
+            why = (r.get("unavailable") or {}).get(peer, "not run")
+            out.append(_check(target, what, False, f"not measured ({peer}: {why})", r))
+        else:
+            out.append(_check(target, what, x >= need, f"{x:.2f}x", r))
 
     for s in PREFILL:
         shape = "x".join(map(str, s))
@@ -819,10 +875,7 @@ def evaluate(res):
             if not r:
                 continue
             for peer, name in (("torch", "torch"), ("onnxruntime", "ORT")):
-                x = ratio(r, peer)
-                if x is not None:
-                    out.append(_check("a", f"{shape} {n}T vs {name} >= 1.0", x >= 1.0,
-                                      f"{x:.2f}x", r))
+                vs_peer("a", f"{shape} {n}T vs {name} >= 1.0", r, peer, 1.0)
             ceil = res["sgemm"][str(n)]["gflops"]
             frac = r["gflops"] / ceil
             out.append(_check("a", f"{shape} {n}T >= 0.70 of sgemm", 0.70 <= frac <= CEILING_SLACK,
@@ -832,10 +885,7 @@ def evaluate(res):
         shape = "x".join(map(str, s))
         for n in thr:
             r = _find(rows, "b", shape, mode="causal", threads=n)
-            x = ratio(r, "torch")
-            if x is not None:
-                out.append(_check("b", f"{shape} causal {n}T vs torch >= {need}", x >= need,
-                                  f"{x:.2f}x", r))
+            vs_peer("b", f"{shape} causal {n}T vs torch >= {need}", r, "torch", need)
     ws = "x".join(map(str, WINDOW_SHAPE))
     for n in thr:
         rc = _find(rows, "c", ws, mode="causal", threads=n)
@@ -856,10 +906,7 @@ def evaluate(res):
                               f"{r['gbs']:.1f} / {bw:.1f} GB/s = {frac:.2f}" + _disturbed(frac),
                               r))
         need = 2.5 if n == 1 else 1.6
-        x = ratio(r, "torch")
-        if x is not None:
-            out.append(_check("d", f"{r['shape']} {n}T vs torch >= {need}", x >= need,
-                              f"{x:.2f}x", r))
+        vs_peer("d", f"{r['shape']} {n}T vs torch >= {need}", r, "torch", need)
     for r in rows:
         if r["target"] == "e":
             us = r["time"] * 1e6
@@ -868,10 +915,8 @@ def evaluate(res):
     for dt, need in (("float64", 1.5), ("float16", 2.0)):
         for n in thr:
             r = _find(rows, "f", dtype=dt, threads=n)
-            x = ratio(r, "torch")
-            if x is not None:
-                out.append(_check("f", f"{r['shape']} {dt} {n}T vs torch >= {need}", x >= need,
-                                  f"{x:.2f}x", r))
+            if r:
+                vs_peer("f", f"{r['shape']} {dt} {n}T vs torch >= {need}", r, "torch", need)
     if 1 in thr and nmax > 1:
         r1 = _find(rows, "a", "x".join(map(str, PREFILL[0])), mode="full", threads=1)
         r2 = _find(rows, "a", "x".join(map(str, PREFILL[0])), mode="full", threads=nmax)
@@ -904,9 +949,12 @@ def evaluate(res):
                           f"{c['alone'] * 1e3:.2f} alone, {c['after_matmul'] * 1e3:.2f} after "
                           f"({x:.2f}x); {_blas1_ms(c)} with NumPy BLAS at 1T"))
     for m in res.get("memory", []):
-        if m["runner"] == "fastattn" and "extra_mb" in m:
+        if m["runner"] == "fastattn":
+            # a failed subprocess is a criterion not met, not one that leaves the count
             out.append(_check("h", f"{m['shape']} {m['threads']}T < 64 MB extra",
-                              m["extra_mb"] < 64, f"{m['extra_mb']:.1f} MB"))
+                              m["extra_mb"] < 64 if "extra_mb" in m else False,
+                              f"{m['extra_mb']:.1f} MB" if "extra_mb" in m else
+                              f"not measured: {m.get('error', 'no result')}"))
     return out
 
 
@@ -1002,13 +1050,14 @@ def text_report(res):
     return "\n".join(lines)
 
 
-def command_line(argv):
+def command_line(argv, program="python -m fastattn.bench"):
+    """The command that reproduces this run, with the OpenBLAS variables as they were."""
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     if all(v is None for v in env.values()):
         prefix = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "
     else:
         prefix = "".join(f"{k}={v} " for k, v in env.items() if v is not None)
-    return prefix + "python -m fastattn.bench" + "".join(" " + a for a in argv)
+    return prefix + program + "".join(" " + a for a in argv)
 
 
 def markdown(res, argv):
@@ -1041,25 +1090,27 @@ def markdown(res, argv):
                    f"{bw['gbs']:.1f} GB/s" + (f" ({readers})" if readers else "") + " |")
     met = sum(1 for t in res["targets"] if t["met"])
     crit = sum(1 for t in res["targets"] if t["met"] is not None)
-    out += ["", "## Targets (issue 4)", "",
-            f"**{met} of {crit} criteria met.**  Each ratio is peer time / "
-            "fastattn time from this run.  'cpu' is the lowest CPU share of the rows a "
-            "criterion rests on (see the timings below): well below 1, other jobs held the "
-            "cores and the figure says little about fastattn.  The encoder-layer and "
-            "greedy-decode figures of the blocks issue come from `bench/bench_blocks.py` "
-            "(its own section, appended below when it has been run).",
-            "", "| # | criterion | measured | cpu | met |", "|---|---|---|---|---|"]
-    for t in res["targets"]:
-        met_s = "(figure)" if t["met"] is None else "yes" if t["met"] else "**NO**"
-        cpu = "-" if t.get("cpu") is None else f"{t['cpu']:.2f}"
-        out.append(f"| {t['target']} | {t['what']} | {t['measured']} | {cpu} | {met_s} |")
+    if res["targets"]:      # a custom run of other shapes has none
+        out += ["", "## Targets (issue 4)", "",
+                f"**{met} of {crit} criteria met.**  Each ratio is peer time / "
+                "fastattn time from this run.  'cpu' is the lowest CPU share of the rows a "
+                "criterion rests on (see the timings below): well below 1, other jobs held the "
+                "cores and the figure says little about fastattn.  The encoder-layer and "
+                "greedy-decode figures of the blocks issue come from `bench/bench_blocks.py` "
+                "(its own section, appended below when it has been run).",
+                "", "| # | criterion | measured | cpu | met |", "|---|---|---|---|---|"]
+        for t in res["targets"]:
+            met_s = "(figure)" if t["met"] is None else "yes" if t["met"] else "**NO**"
+            cpu = "-" if t.get("cpu") is None else f"{t['cpu']:.2f}"
+            out.append(f"| {t['target']} | {t['what']} | {t['measured']} | {cpu} | {met_s} |")
     out += ["", "## All timings", "",
             "Times are medians per call.  Rate is GF/s with 2·(D+Dv) flops per *visible* "
             "(query, key) pair (causal and window count only the visible pairs), or for decode "
             "(Lq = 1) GB/s of K and V read (each KV row once per KV head).  'of ceil' is the "
             "fraction of the sgemm ceiling (decode: of the memory read bandwidth) at the same "
             "thread count.  Peer columns are peer time / fastattn time: > 1 means fastattn is "
-            "faster; n/a: the peer cannot express the call without a materialised mask; -: not "
+            "faster; n/a: the peer cannot express the call without a materialised mask, or is "
+            "unavailable (not installed, or it failed: the JSON's 'unavailable' says why); -: not "
             "run (reference_attention only on small shapes; peers on row c only with --full); "
             "'!' marks a peer whose output differed from fastattn's.  'cpu' is the CPU time "
             "the process got per requested core while the row ran: well below 1 means other "
@@ -1088,6 +1139,22 @@ def markdown(res, argv):
             out.append(f"| {mm['runner']} | {mm['shape']} | {mm['threads']} | {val} |")
     out.append("")
     return "\n".join(out)
+
+
+BLOCKS_SECTION = "## Transformer blocks (issue 3), from `bench/bench_blocks.py`"
+
+
+def _keep_blocks_section(path, md):
+    """The report with the blocks section (bench/bench_blocks.py's) that `path` already holds,
+    so regenerating the attention report does not delete the blocks figures."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        return md
+    if BLOCKS_SECTION not in old:
+        return md
+    return md.rstrip() + "\n\n" + old[old.index(BLOCKS_SECTION):].rstrip() + "\n"
 
 
 def _load(x):
@@ -1146,7 +1213,7 @@ def _threads_arg(text):
     if not t or min(t) < 1 or max(t) > MAX_THREADS:
         raise argparse.ArgumentTypeError(f"bad --threads {text!r}: expected e.g. 1,2 (each in "
                                          f"[1, {MAX_THREADS}])")
-    return t
+    return tuple(sorted(set(t)))     # 1 first (criterion g times 1 thread first); no repeats
 
 
 def _positive_arg(text):
@@ -1171,6 +1238,9 @@ def _seconds_arg(text):
 
 def _check_output(parser, path, option):
     """Refuse, before any measurement, an output path that cannot be written."""
+    if path == "-" and option != "--markdown":       # only the report can go to stdout
+        parser.error(f"{option}: '-' (stdout) is not supported here: give a path, or '' "
+                     "for none")
     if not path or path == "-":
         return
     try:
@@ -1212,11 +1282,13 @@ def build_parser():
                    help="sliding window (left, right); 'none' for an unbounded side")
     p.add_argument("--decode", action="store_true",
                    help="decode: Lq = 1 (the given shapes, or the issue's decode shapes)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5)")
-    p.add_argument("--quick", action="store_true",
-                   help="few repeats, small ceiling measurements, no memory subprocess")
-    p.add_argument("--full", action="store_true",
-                   help="more repeats and time per case; peers on row c; torch memory too")
+    p.add_argument("--repeats", type=_positive_arg, default=None,
+                   help="interleaved repeats (default 5)")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true",
+                       help="few repeats, small ceiling measurements, no memory subprocess")
+    speed.add_argument("--full", action="store_true",
+                       help="more repeats and time per case; peers on row c; torch memory too")
     p.add_argument("--peers", default=",".join(PEERS),
                    help="comma-separated peers among torch,onnxruntime,reference ('' = none)")
     p.add_argument("--settle", type=_seconds_arg, default=None,
@@ -1234,14 +1306,22 @@ def build_parser():
     return p
 
 
-def cases_from_args(args):
-    custom = bool(args.shapes or args.causal or args.window or args.decode or args.dtype)
+def cases_from_args(args, parser=None):
+    def error(msg):
+        if parser is None:
+            raise SystemExit(msg)
+        parser.error(msg)
+    custom = bool(args.shapes or args.causal or args.window or args.decode
+                  or args.dtype is not None)
     if not custom:
         return suite(full=args.full), False
-    dtypes = [d.strip() for d in (args.dtype or "float32").split(",") if d.strip()]
+    given = "float32" if args.dtype is None else args.dtype
+    dtypes = [d.strip() for d in given.split(",") if d.strip()]
+    if args.dtype is not None and not dtypes:
+        error(f"argument --dtype: no dtype in {args.dtype!r} (float32, float64, float16)")
     for d in dtypes:
         if d not in _ORT_TYPES:
-            raise SystemExit(f"--dtype: unknown dtype {d!r} (float32, float64, float16)")
+            error(f"argument --dtype: unknown dtype {d!r} (float32, float64, float16)")
     if args.shapes:
         shapes = list(args.shapes)
     elif args.decode:
@@ -1257,6 +1337,15 @@ def cases_from_args(args):
             s["Lq"] = 1
         for d in dtypes:
             cases.append(Case(**s, dtype=d, causal=args.causal, window=args.window))
+    avail = _mem_available()
+    for c in cases:
+        need = _input_bytes(c)
+        if avail is not None and need > avail // 2:
+            error(f"argument --shapes: {c.shape} {c.dtype} needs {need / 1e9:.3g} GB for q, k, v "
+                  f"and the output, more than half the {avail / 1e9:.3g} GB of memory available")
+        if c.pairs() == 0:
+            error(f"argument --window: {c.shape} {c.mode} leaves no (query, key) pair visible: "
+                  "nothing to time")
     return cases, True
 
 
@@ -1264,21 +1353,26 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.memory_child:           # writes nothing: no output path to check (or to create)
+        _memory_child(json.loads(args.memory_child))
+        return 0
     for path, option in ((args.json, "--json"), (args.plot, "--plot"),
                          (args.markdown, "--markdown")):
         _check_output(parser, path, option)
-    if args.memory_child:
-        _memory_child(json.loads(args.memory_child))
-        return 0
-    cases, custom = cases_from_args(args)
-    nmax = _all_cores()
-    threads = args.threads or ((1, nmax) if nmax > 1 else (1,))
-    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    peers = tuple(dict.fromkeys(p.strip() for p in args.peers.split(",") if p.strip()))
     bad = [p for p in peers if p not in PEERS]
     if bad:
-        raise SystemExit(f"--peers: unknown {bad} (choose among {', '.join(PEERS)})")
+        parser.error(f"argument --peers: unknown {', '.join(map(repr, bad))} (choose among "
+                     f"{', '.join(PEERS)}, or '' for none)")
+    cases, custom = cases_from_args(args, parser)
+    nmax = _all_cores()
+    threads = args.threads or ((1, nmax) if nmax > 1 else (1,))
+    if max(threads) > nmax:
+        print(f"WARNING: --threads {max(threads)} is more than the {nmax} usable cores: the "
+              f"threads share cores, so its rates and its 'cpu' column (at most "
+              f"{nmax / max(threads):.2f}) say nothing about other jobs", flush=True)
     repeats = args.repeats or (2 if args.quick else 9 if args.full else 5)
-    opts = Options(threads=threads, repeats=max(1, repeats),
+    opts = Options(threads=threads, repeats=repeats,
                    min_sample=0.002 if args.quick else 0.02,
                    settle=(args.settle if args.settle is not None
                            else 0.0 if args.quick else 0.05),
@@ -1313,6 +1407,7 @@ def main(argv=None):
             print(md)
         else:
             os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+            md = _keep_blocks_section(args.markdown, md)
             with open(args.markdown, "w") as f:
                 f.write(md)
             print(f"wrote {args.markdown}")
