@@ -150,6 +150,9 @@ def test_a_peer_that_fails_is_n_a_not_the_end_of_the_run(monkeypatch):
     big = bench.Case(1, 8, 65536, 65536, 8)          # 137 GB of scores; nothing is allocated
     f, why = bench.make_onnxruntime(big, 1, None, None, None)
     assert f is None and "GB of scores" in why
+    pytest.importorskip("torch")                     # its math path (Dv != D) does the same
+    f, why = bench.make_torch(bench.Case(1, 8, 65536, 65536, 8, Dv=4), 1, None, None, None)
+    assert f is None and "GB of scores" in why
 
 
 def test_interleaving_varies_each_callables_predecessor():

@@ -277,6 +277,17 @@ def make_reference(case, n, q, k, v):
     return (lambda: ref(q, k, v, **kw)), ""
 
 
+def _scores_too_big(case):
+    """Why a peer that materialises all B x H x Lq x Lk scores (onnxruntime's CPU Attention;
+    torch's SDPA where it falls back to its math path, as with Dv != D: 288 MB at
+    1x8x2048x2048x64x32) must not be asked for this case, or ''."""
+    scores = case.B * case.Hq * case.Lq * case.Lk * max(4, np.dtype(case.dtype).itemsize)
+    avail = _mem_available()
+    if avail is not None and scores > avail // 4:
+        return f"would materialise {scores / 1e9:.3g} GB of scores"
+    return ""
+
+
 def make_torch(case, n, q, k, v):
     try:
         import torch
@@ -286,6 +297,9 @@ def make_torch(case, n, q, k, v):
     vis = _peer_visibility(case)
     if vis is None:
         return None, "needs a materialised mask"
+    too_big = _scores_too_big(case) if case.Dv != case.D or vis == "mask" else ""
+    if too_big:
+        return None, too_big
     tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
     kw = {}
     if vis == "causal":
@@ -340,12 +354,9 @@ def make_onnxruntime(case, n, q, k, v):
     vis = _peer_visibility(case)
     if vis is None:
         return None, "needs a materialised mask"
-    # ORT's CPU Attention materialises all B x H x Lq x Lk scores (136 MB at 1x8x2048x2048):
-    # a shape fastattn runs in little memory would fail (or exhaust the machine) in ORT
-    scores = case.B * case.Hq * case.Lq * case.Lk * max(4, np.dtype(case.dtype).itemsize)
-    avail = _mem_available()
-    if avail is not None and scores > avail // 4:
-        return None, f"would materialise {scores / 1e9:.3g} GB of scores"
+    too_big = _scores_too_big(case)
+    if too_big:
+        return None, too_big
     so = ort.SessionOptions()
     so.intra_op_num_threads = n
     so.inter_op_num_threads = 1
