@@ -1317,11 +1317,10 @@ def build_parser():
     return p
 
 
-def cases_from_args(args, parser=None):
-    def error(msg):
-        if parser is None:
-            raise SystemExit(msg)
-        parser.error(msg)
+def cases_from_args(args, parser):
+    """The cases the options ask for (and whether they are custom); a bad option stops with
+    parser.error."""
+    error = parser.error
     custom = bool(args.shapes or args.causal or args.window or args.decode
                   or args.dtype is not None)
     if not custom:
